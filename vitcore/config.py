@@ -1,0 +1,162 @@
+"""Configs are data: dataclass schemas, YAML recipes, dotted `key=value` overrides.
+
+Each stage defines one schema built from the shared pieces below; `load_config` merges the
+schema's defaults (the stage's embedded recipe), an optional YAML file and the command-line
+overrides, type-checks them with OmegaConf and runs every `validate()` so that a bad config
+stops with one line naming the key before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vitcore.vit import WIDTHS
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as `<dotted.key>: <what is wrong>`."""
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "Nano/8"  # "<width>/<patch>", widths in vitcore.vit.WIDTHS
+    image_size: int = 64  # training resolution (square); position embeddings are stored for it
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.variant.partition("/")[2])
+
+    def validate(self, key: str) -> None:
+        width, _, patch = self.variant.partition("/")
+        check(width in WIDTHS and patch.isdigit() and int(patch) > 0, f"{key}.variant",
+              f"unknown variant {self.variant!r}; expected <width>/<patch> with width in {sorted(WIDTHS)}")
+        check(self.image_size > 0 and self.image_size % self.patch_size == 0, f"{key}.image_size",
+              f"{self.image_size} is not a positive multiple of the patch size {self.patch_size}")
+        for name in ("dropout", "drop_path"):
+            check(0.0 <= getattr(self, name) < 1.0, f"{key}.{name}", "must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/imagenette-64/train"  # shard dir (with index.json), path/brace pattern or pipe: URL
+    batch_size: int = 64  # per process, per micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    epoch_samples: int | None = None  # read from index.json unless given (needed for pipe:/http URLs)
+
+    def validate(self, key: str) -> None:
+        check(bool(self.shards), f"{key}.shards", "is empty")
+        check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
+        check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
+        check(self.epoch_samples is None or self.epoch_samples > 0, f"{key}.epoch_samples", "must be positive")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adam | adamw
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
+    grad_clip: float = 1.0  # global norm; 0 disables
+    accum_steps: int = 1  # micro-batches per optimizer step
+
+    def validate(self, key: str) -> None:
+        check(self.name in ("adam", "adamw"), f"{key}.name", f"{self.name!r} is not one of adam, adamw")
+        check(self.lr > 0, f"{key}.lr", "must be positive")
+        check(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, lr]")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+              "must be two numbers in [0, 1)")
+        check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        check(self.schedule in ("cosine", "linear", "constant"), f"{key}.schedule",
+              f"{self.schedule!r} is not one of cosine, linear, constant")
+        check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
+        check(self.accum_steps >= 1, f"{key}.accum_steps", "must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/pretrain"
+    steps: int = 1000  # optimizer steps
+    seed: int = 0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    log_every: int = 10
+    image_every: int = 250  # TensorBoard image grid every N steps; 0 disables
+    ckpt_every: int = 250
+    keep_last: int = 2  # complete checkpoints kept on disk
+    resume: str = "auto"  # auto (latest complete checkpoint in out_dir, if any) | never | <checkpoint dir>
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    compile: bool = False  # torch.compile the model
+
+    def validate(self, key: str) -> None:
+        check(self.steps > 0, f"{key}.steps", "must be positive")
+        check(self.mixed_precision in ("no", "bf16", "fp16"), f"{key}.mixed_precision",
+              f"{self.mixed_precision!r} is not one of no, bf16, fp16")
+        for name in ("log_every", "ckpt_every", "keep_last", "max_nonfinite"):
+            check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
+        check(self.image_every >= 0, f"{key}.image_every", "must be >= 0 (0 disables)")
+        check(bool(self.resume), f"{key}.resume", "must be auto, never or a checkpoint directory")
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults of `schema` <- YAML file at `path` <- `key=value` overrides, checked and validated."""
+    try:
+        cfg = OmegaConf.structured(schema)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"--config: no such file: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(f"{item}: overrides are written key=value, e.g. optim.lr=3e-4")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    _validate_tree(obj)
+    return obj  # type: ignore[return-value]
+
+
+def _validate_tree(cfg: Any) -> None:
+    """Validate each section under its key, then the stage's cross-section checks."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
+            value.validate(f.name)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    """OmegaConf's messages span lines and bury the key; lead with the key instead."""
+    key = getattr(e, "full_key", None) or "config"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{key}: {first}"
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain nested dicts and lists (for checkpoints and JSON), never pickled objects."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

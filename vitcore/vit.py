@@ -1,0 +1,231 @@
+"""The Vision Transformer encoder (Dosovitskiy et al., 2021), readable in one sitting.
+
+Submodules are named as in timm's `VisionTransformer` (patch_embed.proj, blocks.i.attn.qkv, ...)
+so that exporting our weights to timm is a key-for-key copy; see `to_timm_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitcore.pos_embed import Grid, grid_size, resample_pos_embed
+
+# Widths from the ViT paper's Table 1 (B, L, H) and DeiT (Ti, S); Pico and Nano are ours, for
+# tests and the 2-core CPU demo. A variant name is "<width>/<patch>", e.g. "B/16" or "Nano/8".
+WIDTHS: dict[str, dict[str, int]] = {
+    "Pico": dict(dim=64, depth=2, heads=2),
+    "Nano": dict(dim=128, depth=6, heads=4),
+    "Ti": dict(dim=192, depth=12, heads=3),
+    "S": dict(dim=384, depth=12, heads=6),
+    "B": dict(dim=768, depth=12, heads=12),
+    "L": dict(dim=1024, depth=24, heads=16),
+    "H": dict(dim=1280, depth=32, heads=16),
+}
+
+
+@dataclass
+class ViTConfig:
+    dim: int
+    depth: int
+    heads: int
+    patch_size: int
+    image_size: tuple[int, int] = (224, 224)  # the grid the position embeddings are stored for
+    mlp_ratio: int = 4
+    num_classes: int = 0  # 0: no classification head (pretraining); >0: a linear head on [CLS]
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the last block, linearly 0 -> rate over depth
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides) -> ViTConfig:
+        """Build the config of a named variant such as "B/16"; keyword arguments override fields."""
+        width, _, patch = variant.partition("/")
+        if width not in WIDTHS or not patch.isdigit():
+            known = ", ".join(f"{w}/<patch>" for w in WIDTHS)
+            raise ValueError(f"unknown ViT variant {variant!r}; expected one of {known}")
+        image_size = overrides.pop("image_size", 224)
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        return cls(**WIDTHS[width], patch_size=int(patch), image_size=tuple(image_size), **overrides)
+
+    @property
+    def grid(self) -> Grid:
+        return grid_size(self.image_size, self.patch_size)
+
+
+@dataclass
+class ViTOutput:
+    cls: torch.Tensor  # (B, D) final-norm [CLS] representation
+    patches: torch.Tensor  # (B, N, D) final-norm patch tokens, row-major over the grid
+    logits: torch.Tensor | None = None  # (B, num_classes) when the model has a head
+    attentions: list[torch.Tensor] = field(default_factory=list)  # per block (B, heads, 1+N, 1+N)
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch per sample, rescaling the survivors."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+    return x * keep / (1.0 - rate)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> patch tokens. A conv with kernel = stride = patch is patchify + flatten + linear."""
+
+    def __init__(self, patch_size: int, dim: int, in_chans: int = 3) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        grid = grid_size((x.shape[2], x.shape[3]), self.patch_size)  # a conv would silently crop
+        x = self.proj(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, D), N = gh * gw
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, attn_dropout: float = 0.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        assert dim % heads == 0, f"dim {dim} must be divisible by heads {heads}"
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v projection: one matmul instead of three
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = attn_dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
+        attn = None
+        if return_attention:
+            # SDPA does not expose the weights, so the inspection path computes them explicitly.
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)  # (B, heads, T, T)
+            out = F.dropout(attn, self.attn_dropout, self.training) @ v
+        else:
+            p = self.attn_dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, heads, T, head_dim)
+        out = out.transpose(1, 2).reshape(B, T, D)
+        return self.proj_drop(self.proj(out)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path_rate: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.attn_dropout, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.mlp = Mlp(cfg.dim, cfg.mlp_ratio * cfg.dim, cfg.dropout)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), return_attention)
+        x = x + drop_path(y, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return x, attn
+
+
+class ViT(nn.Module):
+    """ViT encoder: [CLS] + patch tokens + learned 1D position embeddings -> L blocks -> LayerNorm.
+
+    Any input size divisible by the patch size works; the stored position embeddings (for
+    `cfg.image_size`) are resampled bicubically to the input's grid when they differ.
+    """
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.grid = cfg.grid
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], cfg.dim))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Init as timm: truncated normal(0.02) for embeddings and weights, zero biases, unit LN."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)  # as the paper's fine-tuning: a zero-initialised head
+
+    def embed_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """(B, 3, H, W) normalised images -> (B, N, D) patch embeddings, before positions are added.
+
+        Split from `forward_tokens` so a task can corrupt embeddings in between (MPP does).
+        """
+        return self.patch_embed(images)
+
+    def forward_tokens(
+        self, tokens: torch.Tensor, grid: Grid, return_attention: bool = False
+    ) -> ViTOutput:
+        """(B, N, D) patch embeddings on a `grid` -> encoder outputs."""
+        pos = resample_pos_embed(self.pos_embed, self.grid, grid)  # (1, 1+N, D)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1) + pos[:, :1]
+        x = self.pos_drop(torch.cat([cls, tokens + pos[:, 1:]], dim=1))  # (B, 1+N, D)
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention)
+            if attn is not None:
+                attentions.append(attn)
+        x = self.norm(x)
+        logits = self.head(x[:, 0]) if isinstance(self.head, nn.Linear) else None
+        return ViTOutput(cls=x[:, 0], patches=x[:, 1:], logits=logits, attentions=attentions)
+
+    def forward(self, images: torch.Tensor, return_attention: bool = False) -> ViTOutput:
+        return self.forward_tokens(*self.embed_patches(images), return_attention=return_attention)
+
+
+def num_params(cfg: ViTConfig) -> int:
+    """Parameter count of a config, built on the meta device so ViT-H costs no memory."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in ViT(cfg).parameters())
+
+
+def flops_per_image(cfg: ViTConfig, image_size: tuple[int, int] | None = None) -> int:
+    """Forward matmul FLOPs for one image (2 per multiply-add), as in nanoGPT's estimate_mfu."""
+    gh, gw = grid_size(image_size or cfg.image_size, cfg.patch_size)
+    n, t, d = gh * gw, gh * gw + 1, cfg.dim
+    patch = 2 * n * 3 * cfg.patch_size**2 * d
+    per_block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * cfg.mlp_ratio * d
+    head = 2 * d * cfg.num_classes
+    return patch + cfg.depth * per_block + head
+
+
+def to_timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:
+    """Our weights under timm `VisionTransformer` key names (the module names already match).
+
+    Load with `timm.create_model("vit_base_patch16_224", num_classes=..., img_size=...)
+    .load_state_dict(sd)`; a model without a head loads into timm with num_classes=0.
+    """
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
