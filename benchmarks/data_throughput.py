@@ -1,0 +1,173 @@
+"""Data loading throughput: WebDataset shards (ShardStream) vs torchvision ImageFolder + DataLoader.
+
+Both read the same Imagenette train images with the same pretraining transform, batch size and
+worker count; shards are built once by the project's shard writer into a cache folder, with and
+without a pre-resize. Also measures peak RSS streaming from 4 vs 40 shards of the same images.
+
+    python benchmarks/data_throughput.py [--images 3000] [--size 64] [--resize 80] [--workers 2]
+
+Prints a table and writes benchmarks/results/data_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from vitcore.data import ShardStream, open_source, pretrain_transform, read_index, write_shards
+from vitcore.data.shards import shuffled_order
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TAR = ROOT.parent / "shared" / "data" / "imagenette2-224.tar"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def build_shards(tar: Path, out: Path, images: int, resize: int | None, shards: int) -> Path:
+    """Shards of the first `images` (shuffled) train images, rebuilt only when the recipe changed."""
+    try:
+        index = read_index(out)
+        recipe = (index["source"], index["total"] + index["skipped"], index["resize"], len(index["shards"]))
+        if recipe == (str(tar), images, resize, shards):
+            return out
+    except FileNotFoundError:
+        pass
+    write_shards(str(tar), out, split="train", resize=resize, limit=images, samples_per_shard=-(-images // shards))
+    return out
+
+
+def extract_folder(tar: Path, out: Path, images: int) -> Path:
+    """The same images as the shards, as class folders of JPEG files for ImageFolder."""
+    done = out / ".complete"
+    if done.is_file() and done.read_text() == f"{tar} {images}":
+        return out
+    with open_source(str(tar), split="train") as src:
+        for record in src.read(shuffled_order(len(src), 0, images)):
+            path = out / f"{record.key}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(record.image)
+    done.write_text(f"{tar} {images}")
+    return out
+
+
+def images_per_second(loaders: dict[str, Callable[[], Iterable[Any]]], epochs: int) -> dict[str, dict[str, float]]:
+    """Best epoch throughput of each loader: end to end (worker start-up included, as a training
+    run pays it each epoch) and steady (from the first batch on).
+
+    Loaders take turns epoch by epoch, so background load on a shared machine hits them alike.
+    """
+    best = {name: {"end_to_end": 0.0, "steady": 0.0} for name in loaders}
+    for _ in range(epochs):
+        for name, make_epoch in loaders.items():
+            start, first, count, first_count = time.perf_counter(), 0.0, 0, 0
+            for batch in make_epoch():
+                count += len(batch["image"] if isinstance(batch, dict) else batch[0])
+                if not first:
+                    first, first_count = time.perf_counter(), count
+            end = time.perf_counter()
+            best[name]["end_to_end"] = max(best[name]["end_to_end"], count / (end - start))
+            best[name]["steady"] = max(best[name]["steady"], (count - first_count) / (end - first))
+    return best
+
+
+def peak_rss_mib(shard_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS of a fresh process streaming one epoch from `shard_dir` (main and worker processes)."""
+    cmd = [sys.executable, __file__, "--rss-probe", str(shard_dir), "--size", str(args.size),
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def rss_probe(args: argparse.Namespace) -> None:
+    stream = ShardStream(args.rss_probe, pretrain_transform(args.size), args.batch_size, num_workers=args.workers)
+    for _ in stream:
+        pass
+    kib = 1024  # ru_maxrss is in KiB on Linux
+    print(json.dumps({
+        "main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+        "worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
+    }))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tar", type=Path, default=DEFAULT_TAR)
+    p.add_argument("--images", type=int, default=3000)
+    p.add_argument("--size", type=int, default=64, help="pretraining resolution")
+    p.add_argument("--resize", type=int, default=80, help="shorter side of the pre-resized shards")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (best is kept)")
+    p.add_argument("--cache", type=Path, default=RESULTS / "cache" / "data_throughput")
+    p.add_argument("--rss-probe", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.rss_probe:
+        return rss_probe(args)
+    if not args.tar.is_file():
+        raise SystemExit(f"data_throughput: {args.tar} not found")
+    t = time.perf_counter()
+    full = build_shards(args.tar, args.cache / "shards-full", args.images, None, 4)
+    small = build_shards(args.tar, args.cache / f"shards-{args.resize}", args.images, args.resize, 4)
+    small_40 = build_shards(args.tar, args.cache / f"shards-{args.resize}-x40", args.images, args.resize, 40)
+    folder = extract_folder(args.tar, args.cache / "folder", args.images)
+    prep_s = time.perf_counter() - t
+
+    transform = pretrain_transform(args.size)
+    bs, workers = args.batch_size, args.workers
+    image_folder = ImageFolder(str(folder), transform=transform)
+
+    def shards(path: Path, tf: Callable = transform) -> Callable[[], ShardStream]:
+        stream = ShardStream(str(path), tf, bs, num_workers=workers)
+        return lambda: stream
+
+    loaders = {
+        "ImageFolder + DataLoader (224px JPEG files)": lambda: DataLoader(
+            image_folder, batch_size=bs, shuffle=True, num_workers=workers, drop_last=True),
+        "shards, 224px, no draft decode": shards(full, transform.pipeline),
+        "shards, 224px, draft decode": shards(full),
+        f"shards, pre-resized to {args.resize}px": shards(small),
+    }
+    rates = images_per_second(loaders, args.epochs)
+    base = rates[next(iter(rates))]
+    speedup = {name: {k: r[k] / base[k] for k in r} for name, r in rates.items()}
+    rss = {f"{n} shards": peak_rss_mib(d, args) for n, d in ((4, small), (40, small_40))}
+
+    print(f"\n{args.images} Imagenette train images -> {args.size}px pretrain transform, batch {bs}, "
+          f"{workers} workers ({prep_s:.0f}s preparing); images/s, best of {args.epochs} epochs")
+    print(f"{'loader':<46}{'end-to-end':>12}{'steady':>9}{'speedup e2e/steady':>22}")
+    for name, r in rates.items():
+        print(f"{name:<46}{r['end_to_end']:>12.0f}{r['steady']:>9.0f}"
+              f"{speedup[name]['end_to_end']:>15.2f}x /{speedup[name]['steady']:>5.2f}x")
+    print(f"\npeak RSS streaming {args.resize}px shards   {'main MiB':>10}{'worker MiB':>12}")
+    for name, r in rss.items():
+        print(f"{name:<36}{r['main_mib']:>10.0f}{r['worker_mib']:>12.0f}")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "rss_probe"},
+        "images_per_s": rates,
+        "speedup_vs_imagefolder": speedup,
+        "peak_rss_mib": rss,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+    }
+    (RESULTS / "data_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The download path, served from a local HTTP server (no internet here)."""
+
+import functools
+import http.server
+import threading
+
+import pytest
+
+from vitcore.data.download import fetch, is_url
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "archive.tgz").write_bytes(b"x" * 3_000_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "files"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_fetch_downloads_once_and_reuses(server, tmp_path):
+    dest = tmp_path / "cache"
+    path = fetch(f"{server}/archive.tgz", dest, progress=False)
+    assert path == dest / "archive.tgz" and path.read_bytes() == b"x" * 3_000_000
+    path.write_bytes(b"cached")
+    assert fetch(f"{server}/archive.tgz", dest, progress=False).read_bytes() == b"cached"
+    assert not list(dest.glob("*.part-*"))
+
+
+def test_a_missing_file_is_one_clear_error_and_leaves_nothing(server, tmp_path):
+    with pytest.raises(OSError, match="could not download .*/nope.tgz"):
+        fetch(f"{server}/nope.tgz", tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert is_url("https://x/y.tgz") and not is_url("/data/y.tgz") and not is_url("pipe:cat x")

@@ -1,0 +1,254 @@
+"""The shard writer: any image source -> WebDataset tar shards (`jpg` + `cls`) plus `index.json`.
+
+    python -m vitcore.data.shards --source imagenette2-224.tar --split train --out shards/train --resize 80
+    vit-shards --source torchvision:CIFAR10 --out shards/cifar10-train --samples-per-shard 5000
+
+Samples are shuffled (by index, before anything is decoded) so each shard mixes classes, and every
+image is re-encoded as an RGB JPEG. Unreadable images are skipped and listed in `skipped.txt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from vitcore.data.sources import Record, open_source
+from vitcore.data.transforms import DECODE_ERRORS, decode_image
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+SKIPPED_NAME = "skipped.txt"
+SHARD_NAME = "shard-{:06d}.tar"
+DEFAULT_SAMPLES_PER_SHARD = 1000
+_TAR_BLOCK = 512
+
+
+def encode_jpeg(image: bytes | Image.Image, resize: int | None, quality: int) -> bytes:
+    """Re-encode an image as RGB JPEG, shrinking its shorter side to `resize` (never enlarging)."""
+    if isinstance(image, bytes):
+        image = decode_image(image, (resize, resize) if resize else None)
+    else:
+        image = image.convert("RGB")
+    # Re-encoding drops EXIF, so the orientation has to be baked into the pixels now.
+    ImageOps.exif_transpose(image, in_place=True)
+    if resize and min(image.size) > resize:
+        scale = resize / min(image.size)
+        size = (max(resize, round(image.width * scale)), max(resize, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def shuffled_order(n: int, seed: int | None, limit: int | None) -> list[int]:
+    """The source positions to write, in writing order: a seeded permutation, cut to `limit`."""
+    order = list(range(n))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order[:limit] if limit is not None else order
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _ShardSink:
+    """Rolls samples into numbered tar shards; each is written under a temporary name, then renamed."""
+
+    def __init__(self, out_dir: Path, max_samples: int | None, max_bytes: int | None) -> None:
+        self.out_dir, self.max_samples, self.max_bytes = out_dir, max_samples, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+
+    def add(self, key: str, files: dict[str, bytes]) -> None:
+        size = sum(_TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK for data in files.values())
+        if self._tar is None or self._full(size):
+            self._roll()
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode = len(data), 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.shards[-1]["samples"] += 1
+
+    def _full(self, incoming: int) -> bool:
+        count = self.shards[-1]["samples"]
+        if self.max_samples is not None:
+            return count >= self.max_samples
+        return count > 0 and self._tar.offset + incoming > self.max_bytes
+
+    def _roll(self) -> None:
+        self._finish()
+        name = SHARD_NAME.format(len(self.shards))
+        self._tar = tarfile.open(self.out_dir / f"{name}.tmp", "w")
+        self.shards.append({"name": name, "samples": 0})
+
+    def _finish(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            name = self.shards[-1]["name"]
+            os.replace(self.out_dir / f"{name}.tmp", self.out_dir / name)
+            self._tar = None
+
+    def close(self) -> list[dict[str, Any]]:
+        """Finish the last shard and delete shards a previous, larger run left behind."""
+        self._finish()
+        written = {s["name"] for s in self.shards}
+        for stale in self.out_dir.glob("shard-*.tar*"):
+            if stale.name not in written:
+                stale.unlink()
+        return self.shards
+
+
+def write_shards(
+    source: str,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    resize: int | None = None,
+    quality: int = 90,
+    samples_per_shard: int | None = None,
+    max_bytes: int | None = None,
+    shuffle_seed: int | None = 0,
+    limit: int | None = None,
+    labeled: bool | None = None,
+    download_dir: str | Path = "data",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write `source` (see `open_source`) as shards into `out_dir` and return the index it wrote.
+
+    Shards roll over after `samples_per_shard` samples or before exceeding `max_bytes` (default
+    1000 samples). `shuffle_seed=None` keeps the source order. Raises FileNotFoundError for a
+    missing source and ValueError for an empty one or bad options.
+    """
+    if samples_per_shard is not None and max_bytes is not None:
+        raise ValueError("give samples_per_shard or max_bytes, not both")
+    if max_bytes is None and samples_per_shard is None:
+        samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
+    sizes = {"resize": resize, "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "limit": limit}
+    for name, value in sizes.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+
+    out = Path(out_dir)
+    with open_source(source, split=split, labeled=labeled, download_dir=download_dir) as src:
+        order = shuffled_order(len(src), shuffle_seed, limit)
+        out.mkdir(parents=True, exist_ok=True)
+        sink = _ShardSink(out, samples_per_shard, max_bytes)
+        skipped: list[str] = []
+        records = tqdm(src.read(order), total=len(order), unit="img", desc=f"shards -> {out}", disable=not progress)
+        for record in records:
+            try:
+                sink.add(record.key, _sample_files(record, resize, quality))
+            except DECODE_ERRORS as exc:
+                skipped.append(f"{record.key}\t{type(exc).__name__}: {exc}")
+        shards = sink.close()
+        classes = src.classes
+
+    _write_skipped(out / SKIPPED_NAME, skipped)
+    total = sum(s["samples"] for s in shards)
+    if total == 0:
+        raise ValueError(f"no readable images in {source}; see {out / SKIPPED_NAME}")
+    index = {
+        "shards": shards,
+        "total": total,
+        "classes": classes,
+        "source": source,
+        "split": split,
+        "resize": resize,
+        "quality": quality,
+        "seed": shuffle_seed,
+        "skipped": len(skipped),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(out / INDEX_NAME, index)
+    return index
+
+
+def _sample_files(record: Record, resize: int | None, quality: int) -> dict[str, bytes]:
+    files = {"jpg": encode_jpeg(record.image, resize, quality)}
+    if record.label is not None:
+        files["cls"] = str(record.label).encode()
+    return files
+
+
+def _write_skipped(path: Path, skipped: list[str]) -> None:
+    if skipped:
+        path.write_text("\n".join(skipped) + "\n")
+        log.warning("skipped %d unreadable images, listed in %s", len(skipped), path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _byte_size(text: str) -> int:
+    """Parse a size such as 500000000, 512M or 1G."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    suffix = text[-1:].lower()
+    return int(float(text[:-1]) * units[suffix]) if suffix in units else int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vit-shards", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", required=True, help="folder, tar archive, data file, hf:NAME or torchvision:NAME")
+    p.add_argument("--out", required=True, help="output folder for shard-*.tar and index.json")
+    p.add_argument("--split", help="folder inside the source (e.g. train), or the dataset split")
+    p.add_argument("--resize", type=int, help="shrink the shorter side to this many pixels, keeping aspect")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help=f"samples per shard (default {DEFAULT_SAMPLES_PER_SHARD})")
+    size.add_argument("--max-bytes", type=_byte_size, help="maximum shard size, e.g. 512M")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle before writing (default 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    p.add_argument("--limit", type=int, help="write only the first N samples (after shuffling)")
+    p.add_argument("--unlabeled", action="store_true", help="ignore class folders; write images only")
+    p.add_argument("--download-dir", default="data", help="where torchvision datasets are downloaded")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (`vit-shards`)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        index = write_shards(
+            args.source,
+            args.out,
+            split=args.split,
+            resize=args.resize,
+            quality=args.quality,
+            samples_per_shard=args.samples_per_shard,
+            max_bytes=args.max_bytes,
+            shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+            limit=args.limit,
+            labeled=False if args.unlabeled else None,
+            download_dir=args.download_dir,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"vit-shards: error: {exc}") from None
+    classes = index["classes"]
+    print(
+        f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out}"
+        f" ({len(classes) if classes else 'no'} classes, {index['skipped']} skipped)"
+    )
+
+
+if __name__ == "__main__":
+    main()
