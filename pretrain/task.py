@@ -1,0 +1,161 @@
+"""The masked patch prediction task: the model (encoder + [mask] token + head), loss and metrics.
+
+The engine knows nothing of MPP; it calls `build_model`, `loss`, `encoder` and `visualize`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from pretrain.config import MPPConfig, PretrainConfig
+from pretrain.corruption import KEPT, MASK, RANDOM, Corruption, corrupt, corruption_counts
+from pretrain.targets import SUB, make_targets, num_outputs, patchify, render, unpatchify
+from vitcore.data.transforms import normalize, pretrain_transform
+from vitcore.vit import ViT, ViTConfig
+
+
+class MPPOutput(NamedTuple):
+    logits: Tensor  # (B, K, outputs) predictions at the selected positions only
+    corruption: Corruption
+
+
+class MPPModel(nn.Module):
+    """ViT encoder + learnable [mask] embedding + a prediction head on the corrupted positions."""
+
+    def __init__(self, encoder: ViT, mpp: MPPConfig, outputs: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.mpp = mpp
+        dim = encoder.cfg.dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        if mpp.head == "mlp":
+            self.head: nn.Module = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, outputs))
+        else:
+            self.head = nn.Linear(dim, outputs)
+        for m in self.head.modules():  # the encoder's init (timm's): trunc_normal(0.02), zero bias
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> MPPOutput:
+        """(B, 3, H, W) normalised images -> logits (B, K, outputs) at the K corrupted positions.
+        The corruption draws from `generator`, or from the global RNG (seeded by the engine)."""
+        tokens, grid = self.encoder.embed_patches(images)  # (B, N, D)
+        tokens, record = corrupt(tokens, self.mask_token, self.mpp.corrupt_ratio, self.mpp.mask_prob,
+                                 self.mpp.random_prob, generator)  # (B, N, D)
+        patches = self.encoder.forward_tokens(tokens, grid).patches  # (B, N, D)
+        B, N, D = patches.shape
+        rows = (torch.arange(B, device=patches.device)[:, None] * N + record.positions).flatten()  # (B*K,)
+        selected = patches.reshape(B * N, D).index_select(0, rows).view(*record.positions.shape, D)  # (B, K, D)
+        # The head runs on the K selected tokens only: static shape, and no work on the rest.
+        return MPPOutput(self.head(selected), record)  # (B, K, outputs)
+
+
+class MPPTask:
+    """Masked patch prediction as an engine task (see vitcore.engine's Task protocol)."""
+
+    name = "pretrain"
+    labeled = False  # self-supervised: shards need no labels
+
+    name = "pretrain"  # recorded in checkpoints
+    labeled = False  # MPP needs no class labels
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.transform = pretrain_transform(cfg.model.image_size)  # PIL -> uint8 (3, H, W), in data workers
+        self.transform = pretrain_transform(cfg.model.image_size)
+        self.mpp = cfg.mpp
+        self.patch = cfg.model.patch_size
+        self.classes = 2 ** (3 * cfg.mpp.bits)
+
+    def build_model(self) -> MPPModel:
+        m = self.cfg.model
+        vit_cfg = ViTConfig.from_variant(m.variant, image_size=m.image_size, dropout=m.dropout, drop_path=m.drop_path)
+        return MPPModel(ViT(vit_cfg), self.mpp, num_outputs(self.mpp.target, self.patch, self.mpp.bits))
+
+    def encoder(self, model: nn.Module) -> ViT:
+        return model.encoder  # the engine passes the unwrapped module
+
+    def targets(self, images: Tensor, positions: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) images -> targets at (B, K) positions: (B, K), (B, K, 16) or (B, K, 3*p*p)."""
+        t = make_targets(images, self.mpp.target, self.patch, self.mpp.bits)  # (B, N, ...)
+        index = positions.reshape(*positions.shape, *[1] * (t.ndim - 2)).expand(-1, -1, *t.shape[2:])
+        return t.gather(1, index)  # (B, K, ...)
+
+    def predictions(self, logits: Tensor) -> Tensor:
+        """(B, K, outputs) -> classes (B, K) / (B, K, 16), or pixels (B, K, 3*p*p)."""
+        if self.mpp.target == "pixels":
+            return logits
+        if self.mpp.target == "downsampled":
+            logits = logits.unflatten(-1, (SUB * SUB, self.classes))  # (B, K, 16, C)
+        return logits.argmax(-1)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """Cross-entropy (MSE for `pixels`) over the corrupted patches only, plus detached metrics."""
+        images = batch["image"]  # (B, 3, H, W) uint8
+        logits, rec = model(normalize(images))  # (B, K, outputs)
+        target = self.targets(images, rec.positions)  # (B, K, ...)
+        kinds = self._present_kinds(images)
+        if self.mpp.target == "pixels":
+            err = (logits.float() - target).pow(2).mean(-1)  # (B, K)
+            loss = err.mean()
+            metrics = {"loss": loss.detach()}
+            metrics.update({f"mse_{name}": _masked_mean(err.detach(), rec.kind == code) for name, code in kinds})
+            return loss, metrics
+
+        scores = logits.float().reshape(*target.shape, self.classes)  # (B, K[, 16], C) fp32 for the softmax
+        loss = F.cross_entropy(scores.flatten(0, -2), target.flatten())
+        with torch.no_grad():
+            correct = (scores.argmax(-1) == target).float()  # (B, K[, 16])
+            kind = rec.kind.reshape(*rec.kind.shape, *[1] * (target.ndim - 2)).expand_as(target)  # (B, K[, 16])
+            freq = torch.zeros(self.classes, device=target.device).index_add_(
+                0, target.flatten(), torch.ones(target.numel(), device=target.device))  # (C,) no bincount: it syncs
+            metrics = {"loss": loss.detach(), "acc": correct.mean(), "baseline_acc": freq.max() / target.numel()}
+            metrics.update({f"acc_{name}": _masked_mean(correct, kind == code) for name, code in kinds})
+        return loss, metrics
+
+    def _present_kinds(self, images: Tensor) -> list[tuple[str, int]]:
+        """(name, code) of the corruption kinds each image has at least one patch of. Decided from
+        shapes and config, never from tensor values, so it costs no host sync."""
+        n = (images.shape[-2] // self.patch) * (images.shape[-1] // self.patch)  # N patches per image
+        k, k_mask, k_rand = corruption_counts(n, self.mpp.corrupt_ratio, self.mpp.mask_prob, self.mpp.random_prob)
+        counts = {"mask": (MASK, k_mask), "random": (RANDOM, k_rand), "kept": (KEPT, k - k_mask - k_rand)}
+        return [(name, code) for name, (code, count) in counts.items() if count > 0]
+
+    @torch.no_grad()
+    def visualize(self, model: nn.Module, batch: dict) -> Tensor:
+        """(3, H', W') in [0, 1]: for up to 4 images, rows input / corrupted view / prediction
+        (corrupted patches painted with the prediction, the rest dimmed) / target.
+
+        Takes the unwrapped module (the engine passes it): only the main process draws, and a DDP
+        forward on one rank alone could wait on collectives forever. Its own fixed-seed generator leaves the training
+        RNG untouched (a run with images draws what one without would)."""
+        was_training = model.training
+        model.eval()
+        images = batch["image"][:4]  # (b, 3, H, W) uint8
+        generator = torch.Generator(images.device).manual_seed(0)
+        logits, rec = model(normalize(images), generator)  # (b, K, outputs)
+        model.train(was_training)
+        p, bits, kind = self.patch, self.mpp.bits, rec.kind[..., None]  # kind (b, K, 1)
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        x = patchify(images.float() / 255, p)  # (b, N, 3*p*p)
+        index = rec.positions[..., None].expand(-1, -1, x.shape[-1])  # (b, K, 3*p*p)
+        seen = torch.where(kind == MASK, 0.5, x.flatten(0, 1)[rec.source.clamp(min=0)])  # (b, K, 3*p*p)
+        seen = torch.where(kind == KEPT, x.gather(1, index), seen)  # (b, K, 3*p*p)
+        predicted = render(self.predictions(logits), self.mpp.target, p, bits)  # (b, K, 3*p*p)
+        truth = render(make_targets(images, self.mpp.target, p, bits), self.mpp.target, p, bits)  # (b, N, 3*p*p)
+        rows = [x, x.scatter(1, index, seen), (0.4 * x).scatter(1, index, predicted), truth]
+        tiles = torch.cat([unpatchify(r, p, grid) for r in rows])  # (4*b, 3, H, W)
+        return make_grid(tiles, nrow=images.shape[0], padding=2, pad_value=1.0).clamp(0, 1)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where `mask` holds, as a 0-d tensor, without a host sync."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
