@@ -1,0 +1,14 @@
+"""Masked patch prediction pretraining.
+
+    accelerate launch pretrain/run.py [--config configs/pretrain/vit_b16_mpp.yaml] [key=value ...]
+
+With no --config it runs the embedded default recipe (pretrain/config.py): a Nano/8 ViT at 64 px
+on Imagenette shards, sized for a 2-core CPU.
+"""
+
+from pretrain.config import PretrainConfig
+from pretrain.task import MPPTask
+from vitcore.engine import main
+
+if __name__ == "__main__":
+    main(PretrainConfig, MPPTask)

@@ -1,0 +1,114 @@
+"""Checkpoints that survive a crash at any instant and load without unpickling code.
+
+Layout of one checkpoint, `<run>/checkpoints/step-00001000/`:
+    model.safetensors   the trained module's weights (the encoder under `meta["encoder_prefix"]`)
+    train_state.pt      optimizer state, step, samples, data position: tensors and plain
+                        Python values only, so `torch.load(..., weights_only=True)` reads it
+    meta.json           architecture, patch size, image size, grid, stage, step, config
+`<run>/checkpoints/latest` is a symlink to the newest complete checkpoint.
+
+Atomicity: a checkpoint is written into a temporary directory that is renamed into place
+only once every file is on disk, then `latest` is swapped by renaming a new symlink over it.
+A crash at any moment leaves `latest` pointing at a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS, STATE, META = "model.safetensors", "train_state.pt", "meta.json"
+PREFIX, TMP = "step-", ".tmp-"
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep_last`."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"{PREFIX}{step:08d}"
+    tmp = ckpt_dir / f"{TMP}{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
+    save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, tmp / WEIGHTS)
+    torch.save(train_state, tmp / STATE)
+    (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+    for f in tmp.iterdir():
+        _fsync(f)
+    if final.exists():  # a re-save of the same step (after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(ckpt_dir)
+    link = ckpt_dir / f"{TMP}latest-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(final.name)
+    os.replace(link, ckpt_dir / "latest")
+    _prune(ckpt_dir, keep_last)
+    return final
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a path to one, to `latest`, or to a run's `checkpoints/` or run dir."""
+    path = Path(path)
+    for candidate in (path, path / "latest", path / "checkpoints" / "latest"):
+        if (candidate / META).is_file() and (candidate / WEIGHTS).is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"no complete checkpoint at {path} (expected {META} and {WEIGHTS})")
+
+
+def find_latest(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under `ckpt_dir`, or None; temporary leftovers are ignored."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        return resolve(ckpt_dir / "latest")
+    except FileNotFoundError:
+        complete = [p for p in _checkpoints(ckpt_dir) if (p / META).is_file()]
+        return complete[-1] if complete else None
+
+
+def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(resolve(ckpt) / WEIGHTS)
+
+
+def load_meta(ckpt: str | Path) -> dict[str, Any]:
+    return json.loads((resolve(ckpt) / META).read_text())
+
+
+def load_train_state(ckpt: str | Path) -> dict[str, Any]:
+    # weights_only: tensors and plain containers only; a tampered file cannot run code.
+    return torch.load(resolve(ckpt) / STATE, map_location="cpu", weights_only=True)
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.glob(f"{PREFIX}*") if p.is_dir())
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    latest = (ckpt_dir / "latest").resolve()
+    for old in _checkpoints(ckpt_dir)[:-keep_last]:
+        if old.resolve() != latest:
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in ckpt_dir.glob(f"{TMP}*"):  # from a save that crashed before its rename
+        if leftover.is_dir() and not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

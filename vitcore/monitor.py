@@ -1,0 +1,76 @@
+"""What a run reports: a progress bar, TensorBoard scalars and images, metrics.jsonl, summary.json.
+
+Only the main process writes; on other ranks every method is a no-op, so the engine calls them
+unconditionally. Values arrive as Python floats: the engine syncs once per logging step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+# Shown in the progress bar when present; everything goes to TensorBoard and metrics.jsonl.
+BAR_KEYS = ("loss", "acc", "baseline_acc", "img_s")
+
+
+class Monitor:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.start_time = time.perf_counter()
+        self.last: dict[str, float] = {}
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, main process only
+
+        # purge_step: on resume TensorBoard hides events logged after the checkpoint.
+        self.writer = SummaryWriter(str(out_dir), purge_step=start_step or None)
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self._truncate_after(start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.enabled:
+            self.bar.update(1)
+
+    def log(self, step: int, samples: int, scalars: dict[str, float]) -> None:
+        """One logging step: TensorBoard (x-axis = optimizer step), metrics.jsonl, the bar."""
+        self.last = {"step": step, "samples": samples, **scalars}
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(self.last) + "\n")
+        self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in BAR_KEYS if k in scalars}, refresh=False)
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        """A (3, H, W) float image in [0, 1]."""
+        if self.enabled:
+            self.writer.add_image(tag, image.float().clamp(0, 1).cpu(), step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write summary.json (final metrics, wall time, throughput) and close the writers."""
+        summary = {**summary, "final": self.last, "wall_time_s": round(time.perf_counter() - self.start_time, 2)}
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so each step appears once."""
+        if step == 0 or not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
