@@ -104,6 +104,7 @@ class Trainer:
         if resume_from is not None:
             model.load_state_dict(checkpoint.load_weights(resume_from))
         model, optimizer = acc.prepare(model, optimizer)
+        self.model = model  # kept for callers that inspect the trained model
         if resume_from is not None:
             state = checkpoint.load_train_state(resume_from)
             optimizer.optimizer.load_state_dict(state["optimizer"])
