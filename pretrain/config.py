@@ -1,5 +1,6 @@
 """The pretraining stage's config schema. Its defaults are the embedded demo recipe: a Nano/8
-ViT at 64 px on Imagenette shards that shows MPP learning on a 2-core CPU in minutes."""
+ViT at 64 px on Imagenette shards, 700 steps of batch 64, that shows MPP learning on a 2-core
+CPU in about 9 minutes."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    # 700 steps: MPP accuracy ~4x the most-frequent-colour baseline in ~9 minutes on 2 CPU cores.
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/pretrain", steps=700))
     mpp: MPPConfig = field(default_factory=MPPConfig)
 
     def validate(self) -> None:

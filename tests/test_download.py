@@ -34,3 +34,31 @@ def test_a_missing_file_is_one_clear_error_and_leaves_nothing(server, tmp_path):
         fetch(f"{server}/nope.tgz", tmp_path / "cache", progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
     assert is_url("https://x/y.tgz") and not is_url("/data/y.tgz") and not is_url("pipe:cat x")
+
+
+def test_an_archive_url_is_a_shard_source(tmp_path):
+    """The demo's fallback path: the official archive by URL, downloaded once, read as a tar."""
+    import tarfile
+
+    from PIL import Image
+
+    from vitcore.data.shards import write_shards
+
+    files = tmp_path / "files"
+    files.mkdir()
+    for cls in ("a", "b"):
+        (tmp_path / "src" / "nette" / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 16), (40 * i, 0, 0)).save(tmp_path / "src" / "nette" / "train" / cls / f"{i}.JPEG")
+    with tarfile.open(files / "nette.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "nette", arcname="nette")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(files))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/nette.tgz"
+        index = write_shards(url, tmp_path / "shards", split="train", download_dir=tmp_path / "dl", progress=False)
+    finally:
+        httpd.shutdown()
+    assert index["total"] == 6 and index["classes"] == ["a", "b"]
+    assert (tmp_path / "dl" / "nette.tgz").is_file()

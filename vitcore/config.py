@@ -95,7 +95,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/pretrain"
+    out_dir: str = "runs/run"  # each stage's schema sets its own
     steps: int = 1000  # optimizer steps
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16

@@ -28,8 +28,8 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, main process only
 
-        # purge_step: on resume TensorBoard hides events logged after the checkpoint.
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step or None)
+        # purge_step: TensorBoard hides events an earlier run in this dir logged from this step on.
+        self.writer = SummaryWriter(str(out_dir), purge_step=start_step)
         self.metrics_path = out_dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -68,8 +68,9 @@ class Monitor:
         return summary
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so each step appears once."""
-        if step == 0 or not self.metrics_path.exists():
+        """Drop lines an earlier run logged after `step` (all of them on a fresh start), so each
+        step appears once after a resume."""
+        if not self.metrics_path.exists():
             return
         lines = self.metrics_path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]

@@ -24,6 +24,8 @@ from typing import IO, Any
 
 from PIL import Image
 
+from vitcore.data.download import fetch, is_url
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -305,6 +307,8 @@ def open_source(
 
     - `hf:NAME_OR_PATH`: a Hugging Face dataset (hub name, local file/folder, or save_to_disk folder)
     - `torchvision:NAME`: a torchvision dataset class, downloaded into `download_dir`
+    - an `http(s)://` URL of an archive (e.g. the official Imagenette .tgz): downloaded once into
+      `download_dir`, then read as the archive
     - a `.tar[.gz|.bz2|.xz]` file: images inside the archive, `split` picks a folder in it
     - a folder: saved HF dataset if it has one's markers, otherwise an image folder (`split` = subfolder)
     - a `.parquet/.arrow/.csv/.json/.jsonl` file: loaded with `datasets`
@@ -313,7 +317,7 @@ def open_source(
         return open_hf(spec[3:], split)
     if spec.startswith("torchvision:"):
         return TorchvisionSource(spec.split(":", 1)[1], split or "train", download_dir)
-    path = Path(spec)
+    path = fetch(spec, download_dir) if is_url(spec) else Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"source not found: {spec} (hub datasets: hf:NAME, torchvision: torchvision:NAME)")
     if path.is_file() and path.name.lower().endswith(TAR_SUFFIXES):
