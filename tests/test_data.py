@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, JpegImagePlugin
+from torchvision.transforms import v2
 
 from vitcore.data import (
     ShardStream,
@@ -18,12 +19,13 @@ from vitcore.data import (
     eval_transform,
     finetune_train_transform,
     normalize,
+    open_image,
     open_source,
     pretrain_transform,
     read_index,
-    write_shards,
 )
-from vitcore.data.shards import main
+from vitcore.data.shards import main, write_shards
+from vitcore.data.transforms import PRETRAIN_SCALE, crop_params
 
 CLASSES = ["cat", "dog", "eel"]
 PER_CLASS = 13
@@ -267,11 +269,135 @@ def test_transforms_give_uint8_chw_and_normalize_maps_to_unit_range() -> None:
 
 def test_draft_decode_shrinks_jpeg_but_not_below_target() -> None:
     data = _jpeg(Image.new("L", (224, 224), 7))
-    image = decode_image(data, pretrain_transform(64).draft_size)
+    image = decode_image(data, (64, 64))
     assert image.mode == "RGB" and image.size == (112, 112)
-    assert decode_image(data, eval_transform(200).draft_size).size == (224, 224)
+    assert decode_image(data, (200, 200)).size == (224, 224)
     with pytest.raises(OSError):
         decode_image(data[:300])
+
+
+def _v2_reference(size: int, scale: tuple[float, float]) -> v2.Compose:
+    """The unfused pipeline the fused transform replaces, for a fully decoded RGB image."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.PILToTensor()])
+
+
+def _smooth_image(size: tuple[int, int]) -> Image.Image:
+    """Gradients only: DCT-domain downscaling loses little on it."""
+    ramp = Image.linear_gradient("L").resize(size)
+    return Image.merge("RGB", [ramp, ramp.transpose(Image.Transpose.ROTATE_90).resize(size),
+                               Image.radial_gradient("L").resize(size)])
+
+
+def _mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+def test_crop_params_are_torchvisions() -> None:
+    rrc = v2.RandomResizedCrop(16, scale=PRETRAIN_SCALE)
+    for width, height in [(90, 70), (20, 300), (300, 20), (1, 1)]:  # the last two fall back to the centre
+        image = Image.new("RGB", (width, height))
+        for seed in range(50):
+            torch.manual_seed(seed)
+            ours = crop_params(width, height, PRETRAIN_SCALE)
+            torch.manual_seed(seed)
+            theirs = rrc.make_params([image])
+            assert ours == (theirs["top"], theirs["left"], theirs["height"], theirs["width"])
+
+
+def test_fused_crop_matches_v2_without_draft() -> None:
+    """Same seed, same box and flip: only the resampling at the box edges differs."""
+    rng = random.Random(1)
+    for i in range(5):
+        image, _ = _make_image(rng, 0)  # RGB noise of a random size, fully decoded: no draft possible
+        image = image.resize((image.width * 2, image.height * 2))
+        for seed in range(20):
+            torch.manual_seed(seed)
+            want = _v2_reference(24, PRETRAIN_SCALE)(image)
+            torch.manual_seed(seed)
+            got = pretrain_transform(24)(image)
+            assert got.dtype == torch.uint8 and got.shape == (3, 24, 24)
+            assert _mean_abs_diff(got, want) < 3
+
+
+def test_fused_crop_drafts_a_jpeg_close_to_the_full_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    scales = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):  # noqa: ANN001, ANN202
+        result = draft(self, mode, size)
+        scales.append(self.decoderconfig[0])
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    data = _jpeg(_smooth_image((256, 192)))
+    full = decode_image(data)
+    for seed in range(30):
+        torch.manual_seed(seed)
+        _, _, h, w = crop_params(256, 192, PRETRAIN_SCALE)
+        torch.manual_seed(seed)
+        want = _v2_reference(16, PRETRAIN_SCALE)(full)
+        torch.manual_seed(seed)
+        got = pretrain_transform(16)(open_image(data))
+        assert _mean_abs_diff(got, want) < 3
+        # The strongest reduction that keeps the crop box at least 16 px on both sides.
+        assert scales[-1] == max(r for r in (1, 2, 4, 8) if min(h, w) >= 16 * r)
+    assert len(scales) == 30 and {4, 8} <= set(scales)
+
+
+def test_eval_transform_matches_v2_resize_and_centre_crop() -> None:
+    data = _jpeg(_smooth_image((300, 200)))
+    for size, resize in ((32, 36), ((24, 40), 45)):
+        reference = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.PILToTensor()])
+        want = reference(decode_image(data))
+        got = eval_transform(size)(open_image(data))  # decoded at 1/4 scale
+        assert got.shape == want.shape and _mean_abs_diff(got, want) < 3
+        noise = Image.effect_noise((300, 200), 60).convert("RGB")  # decoded: no draft
+        assert _mean_abs_diff(eval_transform(size)(noise), reference(noise)) < 1
+
+
+def test_flips_half_the_time_and_seeds_reproduce() -> None:
+    ramp = Image.linear_gradient("L").transpose(Image.Transpose.ROTATE_90).convert("RGB")  # bright left, dark right
+    data = _jpeg(ramp)
+    transform = pretrain_transform(16)
+    flipped = 0
+    for seed in range(200):
+        torch.manual_seed(seed)
+        out = transform(open_image(data)).float()
+        flipped += bool(out[:, :, 0].mean() < out[:, :, -1].mean())
+        torch.manual_seed(seed)
+        assert torch.equal(transform(open_image(data)), out.to(torch.uint8))
+    assert 70 < flipped < 130
+    torch.manual_seed(0)
+    a = transform(open_image(data))
+    torch.manual_seed(1)
+    assert not torch.equal(a, transform(open_image(data)))
+
+
+def test_any_mode_and_png_come_out_rgb() -> None:
+    noise = Image.effect_noise((50, 40), 60)
+    flat = Image.new("L", (50, 40), 100)
+    smooth = _smooth_image((50, 40)).split()  # JPEGs here get drafted: smooth, to compare with a full decode
+    images = {
+        "png rgba": _jpeg(Image.merge("RGBA", [noise, flat, noise, flat]), "PNG"),
+        "png palette": _jpeg(Image.merge("RGB", [noise, flat, noise]).quantize(16), "PNG"),
+        "jpeg grey": _jpeg(smooth[0]),
+        "jpeg cmyk": _jpeg(Image.merge("CMYK", [*smooth, flat])),
+    }
+    for name, data in images.items():
+        decoded = decode_image(data)  # the reference: everything to RGB first, as before the fusion
+        for transform in (pretrain_transform(16), finetune_train_transform(16, randaugment=False), eval_transform(16)):
+            torch.manual_seed(0)
+            got = transform(open_image(data))
+            torch.manual_seed(0)
+            want = transform(decoded)
+            assert got.dtype == torch.uint8 and got.shape == (3, 16, 16), name
+            assert _mean_abs_diff(got, want) < 3, name
+        if name == "jpeg grey":
+            assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])
+        assert finetune_train_transform(16, randaugment=True)(open_image(data)).shape == (3, 16, 16)
+    with pytest.raises(OSError):
+        pretrain_transform(16)(open_image(images["jpeg grey"][: len(images["jpeg grey"]) // 2]))
 
 
 # ---------------------------------------------------------------- stream
@@ -281,7 +407,7 @@ def test_draft_decode_shrinks_jpeg_but_not_below_target() -> None:
 def test_tar_reader_matches_webdataset(fmt: int) -> None:
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    from vitcore.data.stream import iter_tar_samples
+    from vitcore.data.tar import iter_tar_samples
 
     deep = "/".join(["folder"] * 14)  # > 100 characters: ustar prefix, GNU long name or pax path
     files = {f"{deep}/a.jpg": b"1", f"{deep}/a.cls": b"2", "b.x.JPG": b"3" * 700, "__meta__/info.json": b"{}",
@@ -405,6 +531,25 @@ def test_corrupt_samples_are_skipped_and_counted(corrupt_dir: Path) -> None:
 
     resampled = ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=4)
     assert len(_epoch(resampled)) == len(resampled) == 8 and resampled.skipped > 0
+
+
+def test_truncated_jpeg_is_skipped_and_counted(shard_dir: Path, tmp_path: Path) -> None:
+    """Its header parses, so only the decode inside the transform fails: still a counted skip."""
+    whole = _jpeg(Image.effect_noise((96, 96), 50).convert("RGB"))
+    assert open_image(whole[: len(whole) // 2]).size == (96, 96)
+    good = dict(list(_tar_samples(shard_dir / "shard-000000.tar").items())[:3])
+    with tarfile.open(tmp_path / "t-000000.tar", "w") as tar:
+        for key, files in {**good, "cut/jpeg": {"jpg": whole[: len(whole) // 2], "cls": b"0"}}.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shards = [{"name": "t-000000.tar", "samples": 4}]
+    (tmp_path / "index.json").write_text(json.dumps({"shards": shards, "total": 4, "classes": CLASSES}))
+    for transform in (pretrain_transform(8), eval_transform(8)):  # both draft it: a reduced decode
+        stream = ShardStream(str(tmp_path), transform, 2, num_workers=0, resampled=False, drop_last=False)
+        keys = [k for b in _epoch(stream) for k in b["key"]]
+        assert sorted(keys) == sorted(good) and stream.skipped == 1
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 import tarfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from braceexpand import braceexpand
@@ -43,16 +42,14 @@ from webdataset.filters import _shuffle
 from webdataset.gopen import gopen
 
 from vitcore.data.shards import INDEX_NAME
-from vitcore.data.transforms import DECODE_ERRORS, decode_image
+from vitcore.data.tar import iter_tar_samples
+from vitcore.data.transforms import DECODE_ERRORS, open_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_ERRORS = (KeyError, *DECODE_ERRORS)
 SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
-_TAR_BLOCK = 512
-_ZERO_BLOCK = bytes(_TAR_BLOCK)
-_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata files, not samples
 # A resampled stream whose shards all fail would spin forever; give up after this many in a row.
 BARREN_SHARDS_PER_URL = 10
 
@@ -149,90 +146,6 @@ def _resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
         yield rng.choice(urls)
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    data = stream.read(size)
-    while len(data) < size:  # pipes and sockets may return short reads
-        more = stream.read(size - len(data))
-        if not more:
-            raise tarfile.ReadError("unexpected end of data")
-        data += more
-    return data
-
-
-def _octal(field: bytes) -> int:
-    """A numeric tar header field: octal text, or GNU base-256 when the top bit is set."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    return int(field.strip(b" \0") or b"0", 8)
-
-
-def _pax_path(records: bytes) -> str | None:
-    """The `path` of a pax extended header ("<len> key=value\n" records), if it sets one."""
-    pos = 0
-    while pos < len(records):
-        space = records.index(b" ", pos)
-        length = int(records[pos:space])
-        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode()
-        pos += length
-    return None
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-    return (prefix + b"/" + name if prefix else name).decode()
-
-
-def _split_key(name: str) -> tuple[str, str | None]:
-    """WebDataset's split of a member name into sample key and extension: at the basename's first dot."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else None)
-
-
-def iter_tar_samples(stream: BinaryIO) -> Iterator[dict[str, Any]]:
-    """WebDataset samples of a tar stream: consecutive files sharing a key, as {"__key__", ext: bytes}.
-
-    A lean reader in place of `tarfile` streaming mode, whose ~100 us per member cost as much as
-    decoding a small JPEG. It reads ustar headers with pax and GNU long names (unsigned checksums,
-    as every current writer makes), skips everything but regular files and `__meta__` names, and
-    yields a sample as soon as the next key starts, so a shard cut short loses only the sample
-    being read. Raises tarfile.ReadError or ValueError on corrupt data.
-    """
-    sample: dict[str, Any] | None = None
-    long_name: str | None = None
-    while True:
-        header = stream.read(_TAR_BLOCK)
-        if len(header) < _TAR_BLOCK or header == _ZERO_BLOCK:
-            if header and header != _ZERO_BLOCK:
-                raise tarfile.ReadError("unexpected end of data")
-            break
-        if sum(header) - sum(header[148:156]) + 8 * ord(" ") != _octal(header[148:156]):
-            raise tarfile.ReadError("bad tar header checksum")
-        size, kind = _octal(header[124:136]), header[156:157]
-        padded = size + -size % _TAR_BLOCK
-        if kind in (b"x", b"L"):  # pax or GNU header carrying the next member's long name
-            data = _read_exact(stream, padded)[:size]
-            long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
-            continue
-        name, long_name = long_name or _ustar_name(header), None
-        key, ext = _split_key(name)
-        if kind not in (b"0", b"\0") or ext is None or _META_NAME.match(name):
-            _read_exact(stream, padded)
-            continue
-        if sample is not None and key != sample["__key__"]:
-            yield sample
-            sample = None
-        sample = sample or {"__key__": key}
-        if ext in sample:
-            raise ValueError(f"duplicate file {name} in the tar stream")
-        sample[ext] = _read_exact(stream, padded)[:size]
-    if sample is not None:
-        yield sample
-
-
 def _read_shards(urls: Iterable[str], stats: _WorkerStats, barren_limit: int) -> Iterator[dict[str, Any]]:
     """Raw samples of each shard in turn; a shard that fails to open or breaks off counts one skip."""
     barren = 0
@@ -278,7 +191,6 @@ class _EpochStream(IterableDataset):
         self.plans, self.first, self.urls, self.transform = plans, first, urls, transform
         self.batch_size, self.labeled = batch_size, labeled
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
-        self.draft_size = getattr(transform, "draft_size", None)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -318,7 +230,7 @@ class _EpochStream(IterableDataset):
             try:
                 data = sample[next((k for k in IMAGE_KEYS if k in sample), "jpg")]  # KeyError: no image
                 label = int(sample["cls"]) if self.labeled else None
-                image = decode_image(data, self.draft_size)
+                image = open_image(data)  # header only: the transform decodes, inside this guard
                 # Seeding by stream position makes a resumed run draw the same crops and flips.
                 torch.default_generator.manual_seed((seed + position) % (1 << 63))
                 yield sample["__key__"], self.transform(image), label
@@ -359,7 +271,9 @@ class ShardStream:
     `resampled=True` (training): every (rank, worker) draws shards with replacement and every rank
     gets exactly `len(self)` batches. `resampled=False` (evaluation): each sample exactly once per
     epoch across all ranks; ranks may then get different batch counts.
-    `transform` maps a PIL image to a uint8 tensor; its optional `draft_size` lets JPEGs decode smaller.
+    `transform` maps a PIL image to a uint8 (3, H, W) tensor. It gets the image as `Image.open` left
+    it, header read and pixels not decoded (any mode), so that it can pick a JPEG draft scale for
+    its crop (see `vitcore.data.transforms`); decode errors it raises count as skipped samples.
     """
 
     def __init__(

@@ -3,12 +3,21 @@
 Pixels stay uint8 and unnormalised until they reach the device: that keeps worker-to-trainer
 traffic 4x smaller than float32, and the MPP targets are computed from the real pixel values.
 `normalize` then maps a uint8 batch to the model's input range on whatever device it sits.
+
+The transforms are fused for speed at small resolutions, where per-image fixed costs dominate.
+Each takes an image straight from `open_image` (header read, pixels not decoded yet), chooses
+its crop box from the header size, lets libjpeg decode at the strongest 1/2, 1/4 or 1/8 DCT
+reduction that keeps the box at least the output size, and crops and resizes in one
+`Image.resize(box=...)` pass. A decoded image, or a PNG, simply skips the reduction. Crop and
+flip are drawn from torch's RNG with the same calls as torchvision's v2.RandomResizedCrop and
+RandomHorizontalFlip, so a seed gives the crop torchvision would have taken.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,67 +29,151 @@ from torchvision.transforms import v2
 MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, then centre-crop `size` (the usual 224 <- 256)
+PRETRAIN_SCALE = (0.35, 1.0)  # area fraction of the pretraining crops
+DEFAULT_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, used for fine-tuning
+DEFAULT_RATIO = (3 / 4, 4 / 3)
 
 Size = int | tuple[int, int]
+_JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker, then the first segment's marker
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
 # What a broken image file can raise while PIL parses or decodes it.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """A PIL -> uint8 (3, H, W) pipeline plus the smallest decode size that loses nothing.
-
-    `draft_size` (w, h) tells the decoder how far it may shrink a JPEG in the DCT domain
-    before the pipeline runs (see `decode_image`).
-    """
-
-    pipeline: Callable[[Image.Image], Tensor]
-    draft_size: tuple[int, int]
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        return self.pipeline(image)
 
 
 def _hw(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _wh(hw: tuple[int, int]) -> tuple[int, int]:
-    return hw[1], hw[0]
+@functools.lru_cache(maxsize=None)
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    """As torchvision computes it (in float32), so that the aspect draws match it bit for bit."""
+    lo, hi = torch.log(torch.tensor(ratio)).tolist()
+    return lo, hi
 
 
-def pretrain_transform(size: Size) -> ImageTransform:
+def crop_params(width: int, height: int, scale: tuple[float, float] = DEFAULT_SCALE,
+                ratio: tuple[float, float] = DEFAULT_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop of a width x height image: torchvision's
+    algorithm with the same torch RNG calls, so a seed gives v2.RandomResizedCrop's box."""
+    area = width * height
+    log_ratio = _log_ratio(ratio)
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).exp_().item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return top, left, h, w
+    # Fallback: the central crop of the image clamped to the ratio range.
+    in_ratio, w, h = width / height, width, height
+    if in_ratio < min(ratio):
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        w = int(round(h * max(ratio)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image: Image.Image, box: Box, size: tuple[int, int]) -> Image.Image:
+    """Crop `box` (full-image pixels) of an opened image and resize it to `size` (h, w): RGB out.
+
+    A not-yet-decoded JPEG decodes at the strongest DCT reduction (1/2, 1/4, 1/8) that keeps the
+    box at least `size`; the box is then mapped into the reduced image. One bilinear, antialiased
+    `resize(box=...)` does the crop and the resize. Raises OSError on corrupt or truncated data.
+    """
+    out_h, out_w = size
+    room = min((box[2] - box[0]) / out_w, (box[3] - box[1]) / out_h)
+    reduction = next((r for r in (8, 4, 2) if r <= room), 1)
+    if reduction > 1:
+        width, height = image.size
+        # Asking for (W // r, H // r) makes PIL pick exactly r (header-only: no-op once decoded).
+        drafted = image.draft("RGB", (width // reduction, height // reduction))
+        if drafted is not None:
+            factor = round(width / drafted[1][2])
+            box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
+    if image.mode not in ("RGB", "L"):  # palette, alpha, CMYK...: to RGB before filtering, as a decode would
+        image = image.convert("RGB")
+    out = image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
+    return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """RGB PIL image -> uint8 (3, H, W), a channels-last view (like torchvision's PILToTensor);
+    collation makes the batch contiguous in one copy."""
+    w, h = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """Opened image -> random resized crop -> horizontal flip (p=0.5) -> optional RandAugment ->
+    uint8 (3, H, W). Same draws as v2.Compose([RandomResizedCrop, RandomHorizontalFlip, ...])."""
+
+    size: tuple[int, int]  # (h, w)
+    scale: tuple[float, float] = DEFAULT_SCALE
+    ratio: tuple[float, float] = DEFAULT_RATIO
+    randaugment: v2.RandAugment | None = None
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        width, height = image.size  # from the header
+        top, left, h, w = crop_params(width, height, self.scale, self.ratio)
+        flip = torch.rand(1).item() < 0.5
+        out = resized_crop(image, (left, top, left + w, top + h), self.size)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            out = self.randaugment(out)
+        return to_tensor(out)
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """Opened image -> resize the shorter side to `resize` -> centre crop `size` -> uint8 (3, H, W),
+    the box computed as v2.Resize + v2.CenterCrop would, resized in one pass."""
+
+    size: tuple[int, int]  # (h, w)
+    resize: int  # shorter side before the crop; at least max(size)
+
+    def __post_init__(self) -> None:
+        if self.resize < max(self.size):
+            raise ValueError(f"resize {self.resize} is smaller than the crop {self.size}")
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        width, height = image.size
+        out_h, out_w = self.size
+        if width <= height:
+            rw, rh = self.resize, int(self.resize * height / width)
+        else:
+            rw, rh = int(self.resize * width / height), self.resize
+        top, left = int(round((rh - out_h) / 2.0)), int(round((rw - out_w) / 2.0))
+        sx, sy = width / rw, height / rh
+        box = (left * sx, top * sy, min((left + out_w) * sx, width), min((top + out_h) * sy, height))
+        return to_tensor(resized_crop(image, box, self.size))
+
+
+def pretrain_transform(size: Size) -> RandomResizedCropFlip:
     """MPP pretraining augmentation: random resized crop (35-100% of the area) and flip."""
-    hw = _hw(size)
-    pipeline = v2.Compose([
-        v2.RandomResizedCrop(hw, scale=(0.35, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.PILToTensor(),
-    ])
-    # At scale 1 the crop is the whole image, so the decoded image must be at least `size`.
-    return ImageTransform(pipeline, _wh(hw))
+    return RandomResizedCropFlip(_hw(size), scale=PRETRAIN_SCALE)
 
 
-def finetune_train_transform(size: Size, randaugment: bool) -> ImageTransform:
+def finetune_train_transform(size: Size, randaugment: bool) -> RandomResizedCropFlip:
     """Supervised fine-tuning augmentation: random resized crop, flip, optional RandAugment."""
-    hw = _hw(size)
-    steps: list[Callable] = [v2.RandomResizedCrop(hw, antialias=True), v2.RandomHorizontalFlip()]
-    if randaugment:
-        steps.append(v2.RandAugment())
-    steps.append(v2.PILToTensor())
-    return ImageTransform(v2.Compose(steps), _wh(hw))
+    return RandomResizedCropFlip(_hw(size), randaugment=v2.RandAugment() if randaugment else None)
 
 
-def eval_transform(size: Size) -> ImageTransform:
+def eval_transform(size: Size) -> ResizeCenterCrop:
     """Evaluation preprocessing: resize the shorter side to size / 0.875, centre-crop `size`."""
     hw = _hw(size)
-    resized = int(max(hw) / EVAL_CROP_FRACTION)
-    pipeline = v2.Compose([
-        v2.Resize(resized, antialias=True),
-        v2.CenterCrop(hw),
-        v2.PILToTensor(),
-    ])
-    return ImageTransform(pipeline, (resized, resized))
+    return ResizeCenterCrop(hw, int(max(hw) / EVAL_CROP_FRACTION))
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open image bytes: the header is parsed (size, mode), the pixels are decoded on first use.
+    Raises OSError (PIL.UnidentifiedImageError) when the bytes are no image at all."""
+    # Naming the format of JPEG bytes spares PIL probing its other plugins: ~50 us an image.
+    formats = ("JPEG",) if data[:3] == _JPEG_MAGIC else None
+    return Image.open(io.BytesIO(data), formats=formats)
 
 
 def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -90,7 +183,7 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
     strongest reduction that keeps both sides >= `draft_size`; far cheaper than decoding the full
     image and resizing. Non-JPEG formats ignore it. Raises OSError on corrupt or truncated data.
     """
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data)
     if draft_size is not None:
         image.draft("RGB", draft_size)
     image.load()
@@ -99,6 +192,12 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
 
 def normalize(images: Tensor) -> Tensor:
     """Map uint8 images (B, 3, H, W) or (3, H, W) to float32 model inputs, on their own device."""
-    mean = torch.tensor(MEAN, device=images.device).view(-1, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(-1, 1, 1)
+    mean, std = _stats(images.device)
     return (images.to(torch.float32) / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    """(3, 1, 1) mean and std, made once per device: a new tensor every step would be a
+    host-to-device copy (and a sync) on every step."""
+    return torch.tensor(MEAN, device=device).view(-1, 1, 1), torch.tensor(STD, device=device).view(-1, 1, 1)
