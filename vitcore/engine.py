@@ -87,11 +87,14 @@ class Trainer:
         if self.accelerator.distributed_type == DistributedType.FSDP:
             raise TrainingError("FSDP is not supported yet: checkpoints gather full optimizer state (use DDP)")
         d = cfg.data
-        self.stream = ShardStream(
-            d.shards, task.transform, d.batch_size, rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes, num_workers=d.num_workers, seed=cfg.run.seed,
-            epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
-        )
+        try:  # bad shards stop the run here, before any work, with one line
+            self.stream = ShardStream(
+                d.shards, task.transform, d.batch_size, rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes, num_workers=d.num_workers, seed=cfg.run.seed,
+                epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
+            )
+        except ValueError as e:
+            raise TrainingError(f"data.shards: {e}") from None
 
     def fit(self) -> dict[str, Any]:
         cfg, acc, task = self.cfg, self.accelerator, self.task
