@@ -16,7 +16,6 @@ and a non-finite step is skipped on the device by the fused optimizer.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from accelerate.utils import DistributedType, set_seed
 from vitcore import checkpoint
 from vitcore.config import ConfigError, load_config, save_config, to_dict
 from vitcore.data import ShardStream
+from vitcore.data.stream import derive_seed
 from vitcore.monitor import Monitor
 from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
 from vitcore.vit import ViT, flops_per_image
@@ -73,7 +73,7 @@ def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None 
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of `rank` from optimizer step `step` on: a resumed run draws what an
     uninterrupted one would, without storing every rank's RNG state."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{rank}/{step}".encode()).digest()[:8], "little")
+    return derive_seed(seed, rank, step, "train")
 
 
 class Trainer:
