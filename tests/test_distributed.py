@@ -53,3 +53,8 @@ def test_two_cpu_processes_stay_in_sync_and_only_rank0_writes(cifar_shards, tmp_
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and '"samples": 64' in rows[-1]  # 8 per rank x 2 ranks x 4 steps
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002", "step-00000004"]
+
+    # the data position of every rank is saved, so each rank resumes its own stream
+    state = torch.load(out / "checkpoints" / "latest" / "train_state.pt", weights_only=True)
+    assert [d["rank"] for d in state["data"]] == [0, 1]
+    assert all(d["batches"] == 4 and d["world_size"] == 2 for d in state["data"])

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from vitcore import checkpoint
 from vitcore.config import ConfigError, load_config, save_config, to_dict
@@ -111,7 +111,8 @@ class Trainer:
         if resume_from is not None:
             state = checkpoint.load_train_state(resume_from)
             optimizer.optimizer.load_state_dict(state["optimizer"])
-            self.stream.load_state_dict(state["data"])
+            ranks = state["data"]  # one stream position per rank: sample offsets and skip counts differ
+            self.stream.load_state_dict(ranks[acc.process_index] if acc.process_index < len(ranks) else ranks[0])
             step, samples = state["step"], state["samples"]
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,7 @@ class Trainer:
     def _save(self, model: nn.Module, optimizer: Any, step: int, samples: int, nonfinite: int) -> None:
         acc = self.accelerator
         weights = acc.get_state_dict(model)  # a collective under sharding: every rank calls it
+        data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
         if acc.is_main_process:
             unwrapped = acc.unwrap_model(model)
             encoder = self.task.encoder(unwrapped)
@@ -224,7 +226,7 @@ class Trainer:
                 "config": to_dict(self.cfg),
             }
             state = {"optimizer": optimizer.optimizer.state_dict(), "step": step, "samples": samples,
-                     "data": self.stream.state_dict(), "nonfinite_steps": nonfinite}
+                     "data": data, "nonfinite_steps": nonfinite}
             checkpoint.save_checkpoint(self.ckpt_dir, step, weights, state, meta, self.cfg.run.keep_last)
         acc.wait_for_everyone()
 
