@@ -181,8 +181,7 @@ class Trainer:
                 sums, max_streak, grad_norm_sum = {}, zero.clone(), zero.clone()
                 window_start, wait, window_steps = time.perf_counter(), 0.0, 0
             if cfg.run.image_every and step % cfg.run.image_every == 0 and acc.is_main_process:
-                monitor.image(step, "mpp/examples" if task.name == "pretrain" else "examples",
-                              task.visualize(acc.unwrap_model(model), batch))
+                monitor.image(step, f"{task.name}/examples", task.visualize(acc.unwrap_model(model), batch))
             if step % cfg.run.ckpt_every == 0 or step == total:
                 self._save(model, optimizer, step, samples, int(nonfinite.item()))
                 torch.manual_seed(rank_seed(cfg.run.seed, acc.process_index, step))
