@@ -25,11 +25,11 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vitcore.data.sources import Record, open_source
+from vitcore.data.stream import INDEX_NAME
 from vitcore.data.transforms import DECODE_ERRORS, decode_image
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 SKIPPED_NAME = "skipped.txt"
 SHARD_NAME = "shard-{:06d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 1000

@@ -41,12 +41,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.gopen import gopen
 
-from vitcore.data.shards import INDEX_NAME
 from vitcore.data.tar import iter_tar_samples
 from vitcore.data.transforms import DECODE_ERRORS, open_image
 
 log = logging.getLogger(__name__)
 
+INDEX_NAME = "index.json"  # beside the shards, written by vitcore.data.shards
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_ERRORS = (KeyError, *DECODE_ERRORS)
 SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
