@@ -61,16 +61,12 @@ class MPPModel(nn.Module):
 class MPPTask:
     """Masked patch prediction as an engine task (see vitcore.engine's Task protocol)."""
 
-    name = "pretrain"
-    labeled = False  # self-supervised: shards need no labels
-
     name = "pretrain"  # recorded in checkpoints
-    labeled = False  # MPP needs no class labels
+    labeled = False  # self-supervised: shards need no labels
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.transform = pretrain_transform(cfg.model.image_size)  # PIL -> uint8 (3, H, W), in data workers
-        self.transform = pretrain_transform(cfg.model.image_size)
         self.mpp = cfg.mpp
         self.patch = cfg.model.patch_size
         self.classes = 2 ** (3 * cfg.mpp.bits)
@@ -135,8 +131,8 @@ class MPPTask:
         (corrupted patches painted with the prediction, the rest dimmed) / target.
 
         Takes the unwrapped module (the engine passes it): only the main process draws, and a DDP
-        forward on one rank alone could wait on collectives forever. Its own fixed-seed generator leaves the training
-        RNG untouched (a run with images draws what one without would)."""
+        forward on one rank alone could wait on collectives forever. Its own fixed-seed generator
+        leaves the training RNG untouched (a run with images draws what one without would)."""
         was_training = model.training
         model.eval()
         images = batch["image"][:4]  # (b, 3, H, W) uint8
