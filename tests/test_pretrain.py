@@ -114,3 +114,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(cifar_shards, tmp_path
     a = load_file(killed / "checkpoints" / "latest" / "model.safetensors")
     b = load_file(straight / "checkpoints" / "latest" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "resume did not continue the same data, RNG and optimizer"
+
+
+def test_missing_shards_stop_before_any_work_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main(PretrainConfig, MPPTask, overrides(tmp_path / "nowhere", out))
+    message = str(stop.value)
+    assert message.startswith("error: data.shards: shard not found:") and "\n" not in message
+    assert "vitcore.data.shards" in message  # says how to make them
+    assert not out.exists()  # nothing written

@@ -93,6 +93,9 @@ class Trainer:
                 world_size=self.accelerator.num_processes, num_workers=d.num_workers, seed=cfg.run.seed,
                 epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
             )
+        except FileNotFoundError as e:
+            raise TrainingError(f"data.shards: {e} (write shards with `python -m vitcore.data.shards`, "
+                                "or `make demo` for the default Imagenette ones)") from None
         except ValueError as e:
             raise TrainingError(f"data.shards: {e}") from None
 
