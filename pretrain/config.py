@@ -1,6 +1,6 @@
 """The pretraining stage's config schema. Its defaults are the embedded demo recipe: a Nano/8
 ViT at 64 px on Imagenette shards, 700 steps of batch 64, that shows MPP learning on a 2-core
-CPU in about 9 minutes."""
+CPU in 4 to 9 minutes, depending on the CPU."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # 700 steps: MPP accuracy ~4x the most-frequent-colour baseline in ~9 minutes on 2 CPU cores.
+    # 700 steps: MPP accuracy ~4x the most-frequent-colour baseline in 4-9 minutes on 2 CPU cores.
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/pretrain", steps=700))
     mpp: MPPConfig = field(default_factory=MPPConfig)
 
