@@ -440,6 +440,64 @@ def test_stream_gives_up_when_no_shard_is_readable(tmp_path: Path) -> None:
         list(stream)
 
 
+def test_stream_gives_up_when_every_sample_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vitcore.data.stream as stream_module
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(8):
+            info = tarfile.TarInfo(f"{i:03d}.jpg")
+            info.size = 10
+            tar.addfile(info, io.BytesIO(b"not a jpeg"))
+    (tmp_path / "bad.tar").write_bytes(buf.getvalue())
+    monkeypatch.setattr(stream_module, "FAILED_SAMPLES_IN_A_ROW", 20)  # 1000 in production
+    stream = ShardStream(str(tmp_path / "bad.tar"), pretrain_transform(8), 2, num_workers=0, epoch_samples=10,
+                         labeled=False)
+    with pytest.raises(RuntimeError, match="20 samples in a row failed"):
+        list(stream)
+
+
+def test_corrupt_pax_record_is_an_error_not_a_hang() -> None:
+    from vitcore.data.tar import iter_tar_samples
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("/".join(["long"] * 40) + "/a.jpg")  # a pax path record
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    data = bytearray(buf.getvalue())
+    record = data.index(b" path=")  # "<len> path=...": make <len> zero
+    start = record - len(str(int(data[record - 3:record])))
+    data[start:record] = b"0" * (record - start)
+    header = tarfile.TarInfo.frombuf(bytes(data[:512]), "utf-8", "surrogateescape")
+    assert header.type == tarfile.XHDTYPE
+    # the pax header's checksum does not cover its data, so the reader must judge the record itself
+    with pytest.raises(tarfile.ReadError, match="pax"):
+        list(iter_tar_samples(io.BytesIO(bytes(data))))
+
+
+def test_index_shard_names_cannot_be_commands_or_escape_the_folder(shard_dir: Path, tmp_path: Path) -> None:
+    index = json.loads((shard_dir / "index.json").read_text())
+    for name in ("pipe:touch pwned", "../elsewhere.tar", "/abs/shard.tar", "https://host/x.tar"):
+        folder = tmp_path / str(abs(hash(name)))
+        folder.mkdir()
+        bad = {**index, "shards": [{**index["shards"][0], "name": name}]}
+        (folder / "index.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="is not a file name in that folder"):
+            ShardStream(str(folder), pretrain_transform(8), 2)
+    assert not Path("pwned").exists()
+
+
+def test_shards_are_drawn_in_proportion_to_their_size() -> None:
+    from vitcore.data.stream import _resampled
+
+    draws = _resampled(["big", "small"], [900, 100], random.Random(0))
+    picks = [next(draws) for _ in range(20000)]
+    assert 0.085 < picks.count("small") / len(picks) < 0.115  # 10% of the samples live there
+    uniform = _resampled(["big", "small"], None, random.Random(0))
+    assert 0.47 < sum(next(uniform) == "small" for _ in range(20000)) / 20000 < 0.53  # no index: uniform
+
+
 def test_in_process_stream_leaves_the_global_rng_alone(shard_dir: Path) -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)
@@ -587,6 +645,25 @@ def test_resume_after_topology_change_continues_without_replay(shard_dir: Path) 
     rest = [b["key"] for b in resumed]
     assert len(rest) == len(resumed) - 4 and rest[:4] != head
     assert len(list(resumed)) == len(resumed)  # the next epoch is whole again
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(2, 2), (1, 3), (2, 5)])
+def test_resume_late_in_an_epoch_with_another_layout_finishes_it(shard_dir: Path, world_size: int,
+                                                                  batch_size: int) -> None:
+    """A position taken near the end of an epoch on 1 rank with batches of 2 becomes a position of
+    the new layout (samples consumed, rounded up): no crash, no overrun, the next epoch whole."""
+    stream = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=8)
+    consumed = len(stream) - 2
+    for _, _batch in zip(range(consumed), stream):
+        pass
+    state = stream.state_dict()
+    for rank in range(world_size):
+        resumed = ShardStream(str(shard_dir), pretrain_transform(8), batch_size, rank=rank, world_size=world_size,
+                              num_workers=1, shuffle_buffer=8)
+        resumed.load_state_dict(state)
+        done = -(-consumed * 2 // (batch_size * world_size))
+        assert len(list(resumed)) == max(len(resumed) - done, 0)
+        assert resumed.epoch == 1 and len(list(resumed)) == len(resumed)
 
 
 def test_labeled_stream_on_unlabeled_shards_is_refused(image_folder: Path, tmp_path: Path) -> None:

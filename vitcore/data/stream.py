@@ -52,6 +52,8 @@ SAMPLE_ERRORS = (KeyError, *DECODE_ERRORS)
 SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
 # A resampled stream whose shards all fail would spin forever; give up after this many in a row.
 BARREN_SHARDS_PER_URL = 10
+# Likewise for samples: this many failures in a row means the data, not a sample, is broken.
+FAILED_SAMPLES_IN_A_ROW = 1000
 
 Batch = dict[str, Any]
 _Decoded = tuple[str, Tensor, int | None]  # (key, uint8 (3, H, W) image, label)
@@ -84,8 +86,14 @@ def resolve_shards(urls: str | list[str]) -> tuple[list[str], list[int] | None, 
     specs = [urls] if isinstance(urls, str) else list(urls)
     if len(specs) == 1 and not _is_remote(specs[0]) and (Path(specs[0]).is_dir() or specs[0].endswith(".json")):
         index = read_index(specs[0])
-        base = Path(specs[0]) if Path(specs[0]).is_dir() else Path(specs[0]).parent
-        return [str(base / s["name"]) for s in index["shards"]], [s["samples"] for s in index["shards"]], index
+        base = (Path(specs[0]) if Path(specs[0]).is_dir() else Path(specs[0]).parent).resolve()
+        names = [s["name"] for s in index["shards"]]
+        # An index is data, not a command: its names must be plain files beside it, never a
+        # `pipe:` or URL that gopen would run or fetch (absolute paths also keep gopen local).
+        bad = next((n for n in names if not isinstance(n, str) or Path(n).name != n or _is_remote(n)), None)
+        if bad is not None:
+            raise ValueError(f"{base / INDEX_NAME}: shard name {bad!r} is not a file name in that folder")
+        return [str(base / n) for n in names], [s["samples"] for s in index["shards"]], index
     expanded = [url for spec in specs for url in braceexpand(spec)]
     if not expanded:
         raise ValueError("no shards given")
@@ -141,9 +149,11 @@ class _WorkerStats:
         return {"worker": self.worker, "consumed": self.consumed, "skipped": self.skipped}
 
 
-def _resampled(urls: list[str], rng: random.Random) -> Iterator[str]:
+def _resampled(urls: list[str], sizes: list[int] | None, rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement, in proportion to their sample counts when the index gives
+    them, so that a short last shard's samples are not drawn more often than the others'."""
     while True:
-        yield rng.choice(urls)
+        yield from rng.choices(urls, weights=sizes, k=64)
 
 
 def _read_shards(urls: Iterable[str], stats: _WorkerStats, barren_limit: int) -> Iterator[dict[str, Any]]:
@@ -185,10 +195,10 @@ def _collate(samples: list[_Decoded], labeled: bool) -> Batch:
 class _EpochStream(IterableDataset):
     """One epoch of one rank; each DataLoader worker (or the main process) runs its own plan."""
 
-    def __init__(self, plans: list[_WorkerPlan], first: int, urls: list[str], transform: Callable, batch_size: int,
-                 labeled: bool, shuffle_buffer: int, drop_last: bool) -> None:
+    def __init__(self, plans: list[_WorkerPlan], first: int, urls: list[str], sizes: list[int] | None,
+                 transform: Callable, batch_size: int, labeled: bool, shuffle_buffer: int, drop_last: bool) -> None:
         super().__init__()
-        self.plans, self.first, self.urls, self.transform = plans, first, urls, transform
+        self.plans, self.first, self.urls, self.sizes, self.transform = plans, first, urls, sizes, transform
         self.batch_size, self.labeled = batch_size, labeled
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
 
@@ -213,7 +223,7 @@ class _EpochStream(IterableDataset):
         stats = _WorkerStats(worker, consumed=plan.skip)
         urls = plan.shards
         if urls is None:
-            urls = _resampled(self.urls, random.Random(derive_seed(plan.seed, "shards")))
+            urls = _resampled(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
         samples = _read_shards(urls, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
         if self.shuffle_buffer > 1:
             samples = _shuffle(samples, self.shuffle_buffer, rng=random.Random(derive_seed(plan.seed, "samples")))
@@ -224,6 +234,7 @@ class _EpochStream(IterableDataset):
         yield stats.report()  # end marker: counts the skips after the last batch
 
     def _decoded(self, samples: Iterator[dict[str, Any]], stats: _WorkerStats, seed: int) -> Iterator[_Decoded]:
+        failed = 0  # in a row
         for sample in samples:
             position = stats.consumed
             stats.consumed += 1
@@ -233,10 +244,16 @@ class _EpochStream(IterableDataset):
                 image = open_image(data)  # header only: the transform decodes, inside this guard
                 # Seeding by stream position makes a resumed run draw the same crops and flips.
                 torch.default_generator.manual_seed((seed + position) % (1 << 63))
-                yield sample["__key__"], self.transform(image), label
+                decoded = sample["__key__"], self.transform(image), label
             except SAMPLE_ERRORS as exc:
-                stats.skipped += 1
+                stats.skipped, failed = stats.skipped + 1, failed + 1
                 log.warning("skipping sample %s from %s: %r", sample.get("__key__"), sample.get("__url__"), exc)
+                if failed >= FAILED_SAMPLES_IN_A_ROW:
+                    raise RuntimeError(f"{failed} samples in a row failed (last: {sample.get('__key__')} from "
+                                       f"{sample.get('__url__')}: {exc!r}); are these the right shards?") from None
+                continue
+            failed = 0
+            yield decoded
 
     def _batches(self, samples: Iterator[_Decoded]) -> Iterator[Batch]:
         while True:
@@ -361,8 +378,8 @@ class ShardStream:
         self._offsets = [p.skip for p in plans]
         self._skipped, self._worker_skipped = self.skipped, [0] * self._streams
         first = (self._batches - self._segment) % self._streams
-        dataset = _EpochStream(plans, first, self.urls, self.transform, self.batch_size, self.labeled,
-                               self.shuffle_buffer, self.drop_last)
+        dataset = _EpochStream(plans, first, self.urls, self._shard_samples, self.transform, self.batch_size,
+                               self.labeled, self.shuffle_buffer, self.drop_last)
         # A private generator: creating the loader's iterator would otherwise draw its base seed
         # from the global RNG, shifting the training RNG (MPP masking) by where iteration began.
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, "loader"))
@@ -391,6 +408,8 @@ class ShardStream:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self._streams,
+            "batch_size": self.batch_size,
+            "epoch_samples": self.epoch_samples,
             "offsets": list(self._offsets) if self._offsets is not None else [],
         }
 
@@ -398,7 +417,8 @@ class ShardStream:
         """Continue from a `state_dict` position: the next `iter()` yields the batches after it."""
         self.seed, self.epoch, self._batches = int(state["seed"]), int(state["epoch"]), int(state["batches"])
         self._skipped, self._worker_skipped = int(state["skipped"]), [0] * self._streams
-        same_layout = state.get("world_size") == self.world_size and state.get("num_workers") == self._streams
+        layout = ("world_size", "num_workers", "batch_size", "epoch_samples")
+        same_layout = [state[k] for k in layout] == [self.world_size, self._streams, self.batch_size, self.epoch_samples]
         offsets = [int(o) for o in state.get("offsets", [])]
         if same_layout:
             self._segment = int(state.get("segment", 0))
@@ -406,7 +426,11 @@ class ShardStream:
             self._offsets = offsets if state.get("rank") == self.rank and len(offsets) == self._streams else None
             return
         if not self.resampled:
-            raise ValueError("an exactly-once stream resumes only with the same world_size and num_workers")
-        log.warning("data stream resumed with a different world_size/num_workers: the rest of epoch %d is "
-                    "freshly resampled from batch %d", self.epoch, self._batches)
-        self._segment, self._offsets = min(self._batches, len(self)), None
+            raise ValueError("an exactly-once stream resumes only with the same world_size, num_workers, "
+                             "batch_size and epoch_samples")
+        # Samples all ranks consumed this epoch, in batches of the new layout (rounded up: no replay).
+        consumed = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
+        self._batches = min(len(self), -(-consumed // (self.batch_size * self.world_size)))
+        log.warning("data stream resumed with a different world_size/num_workers/batch_size/epoch_samples: the "
+                    "rest of epoch %d is freshly resampled from batch %d", self.epoch, self._batches)
+        self._segment, self._offsets = self._batches, None

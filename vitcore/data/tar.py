@@ -40,6 +40,8 @@ def _pax_path(records: bytes) -> str | None:
     while pos < len(records):
         space = records.index(b" ", pos)
         length = int(records[pos:space])
+        if length <= space - pos or pos + length > len(records):  # would loop forever or overrun
+            raise tarfile.ReadError("bad pax header record")
         key, _, value = records[space + 1:pos + length - 1].partition(b"=")
         if key == b"path":
             return value.decode()
