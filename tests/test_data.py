@@ -226,6 +226,29 @@ def test_hf_saved_dataset_with_class_labels_sorted(tmp_path: Path) -> None:
         brightness = decode_image(files["jpg"]).getpixel((10, 10))[0]
         assert index["classes"][int(files["cls"])] == ("zebra" if brightness > 128 else "ant")
 
+    # HF's -1 means "no label": such a row is written without one, not as the last class
+    unlabeled = datasets.Dataset.from_dict({"img": images[:4], "label": [0, -1, 1, -1]}, features=features)
+    unlabeled.save_to_disk(str(tmp_path / "hf-missing"))
+    write_shards(str(tmp_path / "hf-missing"), tmp_path / "out-missing", shuffle_seed=None, progress=False)
+    samples = _tar_samples(tmp_path / "out-missing" / "shard-000000.tar")
+    assert [files.get("cls") for _, files in sorted(samples.items())] == [b"1", None, b"0", None]
+
+
+def test_a_crash_mid_rewrite_leaves_no_stale_index(image_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    write_shards(str(image_folder), out, samples_per_shard=5, progress=False)
+    assert (out / "index.json").is_file()
+    from vitcore.data import shards as shards_module
+
+    def full_disk(self, key: str, files: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards_module._ShardSink, "add", full_disk)
+    with pytest.raises(OSError, match="No space left"):  # an error, not 39 "skipped images"
+        write_shards(str(image_folder), out, samples_per_shard=5, progress=False)
+    assert not (out / "index.json").exists()  # readers get "shard index not found", not a mix
+
 
 def test_torchvision_source_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision

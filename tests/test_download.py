@@ -62,3 +62,24 @@ def test_an_archive_url_is_a_shard_source(tmp_path):
         httpd.shutdown()
     assert index["total"] == 6 and index["classes"] == ["a", "b"]
     assert (tmp_path / "dl" / "nette.tgz").is_file()
+
+
+def test_a_connection_closed_early_is_an_error_not_a_cached_file(tmp_path):
+    class ShortBody(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 500)  # then the handler returns and the server closes
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), ShortBody)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(OSError, match="500 of 100000 bytes"):
+            fetch(f"http://127.0.0.1:{httpd.server_address[1]}/a.tgz", tmp_path / "cache", progress=False)
+    finally:
+        httpd.shutdown()
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -9,11 +9,6 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
-# The official Imagenette archives (fast.ai); images are shorter-side 160 or 320 px.
-IMAGENETTE_160 = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"
-IMAGENETTE_320 = "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz"
-
-
 def is_url(spec: str) -> bool:
     return urlparse(spec).scheme in ("http", "https")
 
@@ -37,6 +32,9 @@ def fetch(url: str, dest_dir: str | Path, progress: bool = True) -> Path:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
+            # A server that closes early looks like the end of the file to urllib: check the length.
+            if total is not None and out.tell() != total:
+                raise OSError(f"connection closed after {out.tell()} of {total} bytes")
         os.replace(partial, dest)
     except OSError as e:
         raise OSError(f"could not download {url}: {e}") from None

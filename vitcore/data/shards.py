@@ -151,14 +151,19 @@ def write_shards(
     with open_source(source, split=split, labeled=labeled, download_dir=download_dir) as src:
         order = shuffled_order(len(src), shuffle_seed, limit)
         out.mkdir(parents=True, exist_ok=True)
+        # Until the new index is written, no index: a crash mid-rewrite must not leave an old
+        # index describing a mix of old and new shards.
+        (out / INDEX_NAME).unlink(missing_ok=True)
         sink = _ShardSink(out, samples_per_shard, max_bytes)
         skipped: list[str] = []
         records = tqdm(src.read(order), total=len(order), unit="img", desc=f"shards -> {out}", disable=not progress)
         for record in records:
             try:
-                sink.add(record.key, _sample_files(record, resize, quality))
+                files = _sample_files(record, resize, quality)
             except DECODE_ERRORS as exc:
                 skipped.append(f"{record.key}\t{type(exc).__name__}: {exc}")
+                continue
+            sink.add(record.key, files)  # outside the guard: a full disk is an error, not a skipped image
         shards = sink.close()
         classes = src.classes
 

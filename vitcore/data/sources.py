@@ -240,7 +240,10 @@ class HFSource(Source):
             row = self._data[int(i)]
             image = row[self._image_col]
             data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
-            label = None if self._label_col is None else self._remap[row[self._label_col]]
+            target = None if self._label_col is None else row[self._label_col]
+            # HF marks an unlabeled row with -1: written without a label (MPP can use it; a
+            # labeled stream skips and counts it), never as the last class by negative indexing.
+            label = None if target is None or target < 0 else self._remap[target]
             yield Record(f"{i:08d}", data, label)
 
 
