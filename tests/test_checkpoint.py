@@ -48,6 +48,21 @@ def test_keeps_the_last_k_and_latest(tmp_path):
     assert checkpoint.load_meta(tmp_path / "latest")["step"] == 4
 
 
+def test_an_orphan_is_replaced_but_latest_never_is(tmp_path):
+    save(tmp_path, 1)
+    # a save that crashed after its rename, before the `latest` swap, left step 2 behind
+    orphan = save(tmp_path / "other", 2)
+    os.rename(orphan, tmp_path / orphan.name)
+    (tmp_path / ".tmp-latest-99999").symlink_to("step-00000002")  # and its never-swapped link
+    assert checkpoint.load_meta(tmp_path / "latest")["step"] == 1
+    save(tmp_path, 2)  # the resumed run saves step 2 again
+    assert checkpoint.load_meta(tmp_path / "latest")["step"] == 2
+    assert not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(FileExistsError, match="is the latest checkpoint"):
+        save(tmp_path, 2)
+    assert checkpoint.load_meta(tmp_path / "latest")["step"] == 2 and not list(tmp_path.glob(".tmp-*"))
+
+
 def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     save(tmp_path, 1)
 

@@ -63,6 +63,27 @@ def test_resume_auto_continues_instead_of_restarting(cifar_shards, tmp_path):
     assert checkpoint.load_train_state(out / "checkpoints" / "latest")["step"] == 8
 
 
+def test_resume_survives_a_half_written_metrics_line_and_never_starts_behind(cifar_shards, tmp_path):
+    out = tmp_path / "run"
+    main(PretrainConfig, MPPTask, overrides(cifar_shards, out))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a crash in the middle of a write
+    main(PretrainConfig, MPPTask, overrides(cifar_shards, out, **{"run.steps": 6}))
+    assert [r["step"] for r in metrics(out)] == [2, 4, 6]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]  # step 4 kept across the resume
+
+    # starting over, or from an older checkpoint, in this directory would overwrite its checkpoints
+    for resume in ("never", str(out / "checkpoints" / "step-00000004")):
+        with pytest.raises(SystemExit, match=r"run.out_dir: .* already holds checkpoints up to step-00000006"):
+            main(PretrainConfig, MPPTask, overrides(cifar_shards, out, **{"run.steps": 8, "run.resume": resume}))
+    assert checkpoint.load_meta(out / "checkpoints" / "latest")["step"] == 6
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(cifar_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     main(PretrainConfig, MPPTask, overrides(cifar_shards, out, **{"run.steps": 2}))

@@ -46,9 +46,15 @@ def save_checkpoint(
     save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, tmp / WEIGHTS)
     torch.save(train_state, tmp / STATE)
     (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
-    for f in tmp.iterdir():
+    for f in [*tmp.iterdir(), tmp]:
         _fsync(f)
-    if final.exists():  # a re-save of the same step (after a resume): replace it whole
+    if final.exists():
+        # Only an orphan may be replaced: a save that crashed after its rename but before the
+        # `latest` swap, re-made by the resumed run. Replacing what `latest` points at could
+        # leave no checkpoint at all if we crashed between the delete and the rename.
+        if (ckpt_dir / "latest").resolve() == final.resolve():
+            shutil.rmtree(tmp)
+            raise FileExistsError(f"{final} is the latest checkpoint; refusing to replace it")
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(ckpt_dir)
@@ -56,6 +62,7 @@ def save_checkpoint(
     link.unlink(missing_ok=True)
     link.symlink_to(final.name)
     os.replace(link, ckpt_dir / "latest")
+    _fsync(ckpt_dir)  # the new `latest` is durable before pruning deletes anything
     _prune(ckpt_dir, keep_last)
     return final
 
@@ -102,7 +109,11 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
         if old.resolve() != latest:
             shutil.rmtree(old, ignore_errors=True)
     for leftover in ckpt_dir.glob(f"{TMP}*"):  # from a save that crashed before its rename
-        if leftover.is_dir() and not leftover.name.endswith(f"-{os.getpid()}"):
+        if leftover.name.endswith(f"-{os.getpid()}"):
+            continue
+        if leftover.is_symlink():  # a `latest` link that was never swapped in
+            leftover.unlink(missing_ok=True)
+        elif leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -106,6 +106,7 @@ class Trainer:
         model = task.build_model()
         optimizer = build_optimizer(model, cfg.optim)
         resume_from = self._resume_point()
+        self._check_not_behind(resume_from)
         step, samples = 0, 0
         if resume_from is not None:
             model.load_state_dict(checkpoint.load_weights(resume_from))
@@ -209,6 +210,20 @@ class Trainer:
         if resume == "auto":
             return checkpoint.find_latest(self.ckpt_dir)
         return checkpoint.resolve(resume)
+
+    def _check_not_behind(self, resume_from: Path | None) -> None:
+        """Refuse to start behind the run directory's newest checkpoint: its later checkpoints,
+        metrics and events would be overwritten or interleaved with the new ones."""
+        newest = checkpoint.find_latest(self.ckpt_dir)
+        if newest is None:
+            return
+        start = checkpoint.load_meta(resume_from)["step"] if resume_from is not None else 0
+        if checkpoint.load_meta(newest)["step"] > start:
+            where = f"step {start} of {resume_from}" if resume_from is not None else "scratch (run.resume=never)"
+            raise TrainingError(
+                f"run.out_dir: {self.out_dir} already holds checkpoints up to {newest.name}; starting from "
+                f"{where} would overwrite them. Use a new run.out_dir (run.resume=<checkpoint> works there too)"
+            )
 
     def _save(self, model: nn.Module, optimizer: Any, step: int, samples: int, nonfinite: int) -> None:
         acc = self.accelerator
