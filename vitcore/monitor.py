@@ -7,6 +7,7 @@ unconditionally. Values arrive as Python floats: the engine syncs once per loggi
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ class Monitor:
         self.enabled = enabled
         self.out_dir = out_dir
         self.start_time = time.perf_counter()
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Any] = {}
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, main process only
 
-        # purge_step: TensorBoard hides events an earlier run in this dir logged from this step on.
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step)
+        # purge_step: TensorBoard hides events an earlier run in this dir logged after the step we
+        # resume from (that step itself was logged before its checkpoint, and is not logged again).
+        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1)
         self.metrics_path = out_dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -72,6 +74,19 @@ class Monitor:
         step appears once after a resume."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_metrics(self.metrics_path) if row["step"] <= step]
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.metrics_path)  # a crash here leaves the old file or the new one
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, passing over blank lines and the half-written last line a
+    crash can leave."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

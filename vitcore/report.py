@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vitcore.monitor import read_metrics
+
 # (column, metrics key, format); a column is shown when some run logged its key.
 COLUMNS = [
     ("loss", "loss", "{:.3f}"),
     ("MPP acc", "acc", "{:.1%}"),
     ("most-frequent-colour acc", "baseline_acc", "{:.1%}"),
-    ("top-1", "top1", "{:.1%}"),
-    ("val top-1", "val_top1", "{:.1%}"),
 ]
 
 
@@ -26,7 +26,7 @@ def read_run(run: Path) -> dict[str, Any]:
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run}: no summary.json (the run has not finished)")
     summary = json.loads(summary_path.read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run / "metrics.jsonl")
     return {"run": str(run), "summary": summary, "first": rows[0] if rows else {}, "last": summary.get("final") or {}}
 
 
@@ -47,7 +47,10 @@ def table(runs: list[dict[str, Any]]) -> str:
             cells.append(fmt.format(r["last"][key]) + change)
         lines.append(cells)
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-    fmt_row = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    def fmt_row(row: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt_row(header), sep, *map(fmt_row, lines)])
 
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     print(table(runs))
-    print("\nMetrics are means over each run's last logging window (first window in brackets).")
+    print("\nMetrics are means over each run's last logging window; (from ...) is the first window's.")
     print(f"TensorBoard: tensorboard --logdir {Path(args.runs[0]).parent}")
 
 
