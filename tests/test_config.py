@@ -43,6 +43,19 @@ def test_bad_yaml_key_is_named(tmp_path):
         load_config(PretrainConfig, path)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("model:\n  variant: [unclosed\n", r"--config: .*bad.yaml is not valid YAML \(line 3, column 1\)"),
+    ("- model\n- data\n", r"--config: .*bad.yaml must hold a mapping of sections"),
+    ("optim: 3\n", r"^optim: must be a section of keys, got 3$"),
+])
+def test_malformed_yaml_is_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(PretrainConfig, path)
+    assert "\n" not in str(error.value)
+
+
 def test_yaml_then_overrides_then_round_trip(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("model:\n  variant: Ti/16\n  image_size: 224\noptim:\n  lr: 2.0e-4\n")

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vitcore.vit import WIDTHS
@@ -124,7 +125,11 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"--config: no such file: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            recipe = _load_yaml(path)
+            for key, value in recipe.items():  # OmegaConf's own message would not name the section
+                if isinstance(cfg.get(key), DictConfig) and not isinstance(value, DictConfig):
+                    raise ConfigError(f"{key}: must be a section of keys, got {value!r}")
+            cfg = OmegaConf.merge(cfg, recipe)
         for item in overrides:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"{item}: overrides are written key=value, e.g. optim.lr=3e-4")
@@ -134,6 +139,19 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         raise ConfigError(_one_line(e)) from None
     _validate_tree(obj)
     return obj  # type: ignore[return-value]
+
+
+def _load_yaml(path: str | Path) -> DictConfig:
+    """A recipe file as a mapping; YAML syntax errors and non-mapping files are one ConfigError line."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"--config: {path} must hold a mapping of sections (model:, data:, ...), not a list")
+    return loaded
 
 
 def _validate_tree(cfg: Any) -> None:
