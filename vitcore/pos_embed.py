@@ -26,9 +26,10 @@ def resample_pos_embed(
     """Resample (1, prefix + gh*gw, D) position embeddings from `old_grid` to `new_grid`.
 
     The prefix ([CLS]) positions are kept as they are; the grid part is treated as a D-channel
-    image and resized with 2D bicubic interpolation (antialiased when shrinking), as in the ViT
-    paper's fine-tuning at higher resolution. Computed in float32 whatever the input dtype,
-    because bicubic in bf16 visibly distorts the embeddings; returned in the input dtype.
+    image and resized with 2D bicubic interpolation with antialias=True, as timm resamples (the
+    paper's own code interpolates bilinearly; antialiasing smooths when shrinking and changes
+    PyTorch's bicubic kernel slightly when enlarging). Computed in float32 whatever the input
+    dtype, because bicubic in bf16 visibly distorts the embeddings; returned in the input dtype.
     Identity when the grid is unchanged.
     """
     if tuple(old_grid) == tuple(new_grid):

@@ -164,7 +164,9 @@ class ViT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Init as timm: truncated normal(0.02) for embeddings and weights, zero biases, unit LN."""
+        """Truncated normal(0.02) for embeddings and weights, zero biases, unit LN: the paper's and
+        timm's scheme, except that timm draws the [CLS] token from normal(1e-6) and leaves the
+        patch-embedding conv at PyTorch's default."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -224,8 +226,9 @@ def flops_per_image(cfg: ViTConfig, image_size: tuple[int, int] | None = None) -
 def to_timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:
     """Our weights under timm `VisionTransformer` key names (the module names already match).
 
-    Load with `timm.create_model("vit_base_patch16_224", num_classes=..., img_size=...)
-    .load_state_dict(sd)`; a model without a head loads into timm with num_classes=0.
+    Load into the timm model of the same shape, e.g. for B/16 at 224 px
+    `timm.create_model("vit_base_patch16_224", num_classes=...).load_state_dict(sd)` (pass `img_size`
+    for other sizes); a model without a head loads into timm with num_classes=0.
     """
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
