@@ -11,4 +11,4 @@ from pretrain.task import MPPTask
 from vitcore.engine import main
 
 if __name__ == "__main__":
-    main(PretrainConfig, MPPTask)
+    main(PretrainConfig, MPPTask, description=__doc__)

@@ -104,6 +104,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(cifar_shards, tmp_path, 
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert metrics(out)[-1]["nonfinite_steps"] == 3
 
+    # resumed from step 3 (one skipped step behind it) with a healthy loss: the count carries on
+    monkeypatch.setattr(MPPTask, "loss", real_loss)
+    summary = main(PretrainConfig, MPPTask, overrides(cifar_shards, out, **{"run.steps": 6, "run.log_every": 1}))
+    assert summary["nonfinite_steps"] == 1 and metrics(out)[-1]["nonfinite_steps"] == 1
+
 
 def run_script(args: list[str], **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), *args], cwd=ROOT, **popen)
@@ -145,3 +150,11 @@ def test_missing_shards_stop_before_any_work_with_one_line(tmp_path):
     assert message.startswith("error: data.shards: shard not found:") and "\n" not in message
     assert "vitcore.data.shards" in message  # says how to make them
     assert not out.exists()  # nothing written
+
+
+def test_the_config_decides_precision_and_says_so_when_the_launcher_differs(cifar_shards, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch --mixed_precision bf16`
+    main(PretrainConfig, MPPTask, overrides(cifar_shards, tmp_path / "run", **{"run.steps": 2}))
+    assert "launcher asked for bf16 precision; run.mixed_precision=no decides" in capsys.readouterr().out
+    assert load_config(PretrainConfig, tmp_path / "run" / "config.yaml").run.mixed_precision == "no"

@@ -16,6 +16,7 @@ and a non-finite step is skipped on the device by the fused optimizer.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -35,8 +36,13 @@ from vitcore.monitor import Monitor
 from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
 from vitcore.vit import ViT, flops_per_image
 
-# Dense bf16 peak FLOP/s by device name, for model FLOPs utilisation; unknown devices log TFLOP/s only.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16/fp16 tensor-core peak FLOP/s by device name (the first name contained in the device's
+# wins, so variants come before their family), for model FLOPs utilisation under mixed precision;
+# fp32 runs and unknown devices log TFLOP/s only.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12}
+# DDP, or one process: what the checkpoints and `optimizer.optimizer` calls are written for.
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
 class Task(Protocol):
@@ -54,9 +60,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
-def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of a stage: `run.py [--config PATH] [key=value ...]`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None = None,
+         description: str | None = None) -> dict[str, Any]:
+    """Entry point of a stage: `run.py [--config PATH] [key=value ...]`; `description` heads --help."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe; without it the stage's embedded default runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     args = parser.parse_args(argv)
@@ -84,8 +91,14 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=cfg.run.mixed_precision, dynamo_backend="inductor" if cfg.run.compile else "no"
         )
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            raise TrainingError("FSDP is not supported yet: checkpoints gather full optimizer state (use DDP)")
+        kind = self.accelerator.distributed_type
+        if kind not in SUPPORTED:
+            raise TrainingError(f"{kind.value} is not supported yet: the engine and its checkpoints are written "
+                                "for DDP (one full model per process); launch with multi_gpu or a single process")
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher not in ("no", cfg.run.mixed_precision):  # "no" is also accelerate's silent default
+            self.accelerator.print(f"warning: the launcher asked for {launcher} precision; run.mixed_precision="
+                                   f"{cfg.run.mixed_precision} decides (set run.mixed_precision={launcher} for it)")
         d = cfg.data
         try:  # bad shards stop the run here, before any work, with one line
             self.stream = ShardStream(
@@ -118,6 +131,8 @@ class Trainer:
             ranks = state["data"]  # one stream position per rank: sample offsets and skip counts differ
             self.stream.load_state_dict(ranks[acc.process_index] if acc.process_index < len(ranks) else ranks[0])
             step, samples = state["step"], state["samples"]
+            if acc.scaler is not None and "scaler" in state:  # fp16: resume with the loss scale reached
+                acc.scaler.load_state_dict(state["scaler"])
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -132,7 +147,8 @@ class Trainer:
         batches = self._batches()
         zero = torch.zeros((), device=acc.device)
         sums: dict[str, torch.Tensor] = {}
-        streak, max_streak, nonfinite, grad_norm_sum = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        streak, max_streak, grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
+        nonfinite = zero + (state["nonfinite_steps"] if resume_from is not None else 0)
         window_start, wait, window_steps = time.perf_counter(), 0.0, 0
         start_step, start_time = step, time.perf_counter()
 
@@ -156,7 +172,8 @@ class Trainer:
                 skip_if_nonfinite(optimizer.optimizer, found_inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            streak = (streak + 1) * found_inf
+            # fp16's scaler overflows and skips by design while it finds its scale: not a divergence
+            streak = (streak + 1) * found_inf * (acc.scaler is None)
             max_streak, nonfinite = torch.maximum(max_streak, streak), nonfinite + found_inf
             grad_norm_sum += torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0)
             step, samples, window_steps = step + 1, samples + per_step, window_steps + 1
@@ -173,7 +190,7 @@ class Trainer:
                                img_s_per_rank=img_s, data_wait=wait / elapsed, nonfinite_steps=n_nonfinite,
                                skipped_samples=float(self.stream.skipped), tflops_per_rank=img_s * flops_per_sample / 1e12)
                 peak = next((v for k, v in PEAK_FLOPS.items() if k in _device_name(acc.device)), None)
-                if peak:
+                if peak and cfg.run.mixed_precision != "no":
                     scalars["mfu"] = img_s * flops_per_sample / peak
                 monitor.log(step, samples, scalars)
                 if worst_streak >= cfg.run.max_nonfinite:
@@ -244,6 +261,8 @@ class Trainer:
             }
             state = {"optimizer": optimizer.optimizer.state_dict(), "step": step, "samples": samples,
                      "data": data, "nonfinite_steps": nonfinite}
+            if acc.scaler is not None:
+                state["scaler"] = acc.scaler.state_dict()
             checkpoint.save_checkpoint(self.ckpt_dir, step, weights, state, meta, self.cfg.run.keep_last)
         acc.wait_for_everyone()
 
