@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pretrain.targets import TARGETS
 from vitcore.config import DataConfig, ModelConfig, OptimConfig, RunConfig, check
 
 
@@ -27,8 +28,7 @@ class MPPConfig:
         total = self.mask_prob + self.random_prob + self.keep_prob
         check(math.isclose(total, 1.0, abs_tol=1e-6), f"{key}.mask_prob",
               f"mask_prob + random_prob + keep_prob must sum to 1, got {total:g}")
-        check(self.target in ("mean_color", "downsampled", "pixels"), f"{key}.target",
-              f"{self.target!r} is not one of mean_color, downsampled, pixels")
+        check(self.target in TARGETS, f"{key}.target", f"{self.target!r} is not one of {', '.join(TARGETS)}")
         check(1 <= self.bits <= 8, f"{key}.bits", "must be between 1 and 8")
         check(self.head in ("linear", "mlp"), f"{key}.head", f"{self.head!r} is not one of linear, mlp")
 
