@@ -39,7 +39,7 @@ def test_parameter_count_matches_a_real_model():
 
 
 def test_unknown_variant_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown ViT variant 'X/16'"):
+    with pytest.raises(ValueError, match="unknown variant 'X/16'; expected one of Pico/<patch>"):
         ViTConfig.from_variant("X/16")
 
 

@@ -43,7 +43,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}, tmp / WEIGHTS)
+    save_file({k: v.detach().contiguous().to("cpu", copy=True) for k, v in weights.items()}, tmp / WEIGHTS)
     torch.save(train_state, tmp / STATE)
     (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
     for f in [*tmp.iterdir(), tmp]:

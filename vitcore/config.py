@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vitcore.vit import WIDTHS
+from vitcore.vit import parse_variant
 
 T = TypeVar("T")
 
@@ -40,12 +40,13 @@ class ModelConfig:
 
     @property
     def patch_size(self) -> int:
-        return int(self.variant.partition("/")[2])
+        return parse_variant(self.variant)[1]
 
     def validate(self, key: str) -> None:
-        width, _, patch = self.variant.partition("/")
-        check(width in WIDTHS and patch.isdigit() and int(patch) > 0, f"{key}.variant",
-              f"unknown variant {self.variant!r}; expected <width>/<patch> with width in {sorted(WIDTHS)}")
+        try:
+            parse_variant(self.variant)
+        except ValueError as e:
+            raise ConfigError(f"{key}.variant: {e}") from None
         check(self.image_size > 0 and self.image_size % self.patch_size == 0, f"{key}.image_size",
               f"{self.image_size} is not a positive multiple of the patch size {self.patch_size}")
         for name in ("dropout", "drop_path"):

@@ -7,6 +7,7 @@ so that exporting our weights to timm is a key-for-key copy; see `to_timm_state_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,15 @@ WIDTHS: dict[str, dict[str, int]] = {
 }
 
 
+def parse_variant(variant: str) -> tuple[str, int]:
+    """ "B/16" -> ("B", 16); a ValueError naming the known widths for anything else."""
+    width, _, patch = variant.partition("/")
+    if width not in WIDTHS or not patch.isdigit() or int(patch) <= 0:
+        known = ", ".join(f"{w}/<patch>" for w in WIDTHS)
+        raise ValueError(f"unknown variant {variant!r}; expected one of {known}")
+    return width, int(patch)
+
+
 @dataclass
 class ViTConfig:
     dim: int
@@ -41,16 +51,13 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block, linearly 0 -> rate over depth
 
     @classmethod
-    def from_variant(cls, variant: str, **overrides) -> ViTConfig:
+    def from_variant(cls, variant: str, **overrides: Any) -> ViTConfig:
         """Build the config of a named variant such as "B/16"; keyword arguments override fields."""
-        width, _, patch = variant.partition("/")
-        if width not in WIDTHS or not patch.isdigit():
-            known = ", ".join(f"{w}/<patch>" for w in WIDTHS)
-            raise ValueError(f"unknown ViT variant {variant!r}; expected one of {known}")
+        width, patch = parse_variant(variant)
         image_size = overrides.pop("image_size", 224)
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        return cls(**WIDTHS[width], patch_size=int(patch), image_size=tuple(image_size), **overrides)
+        return cls(**WIDTHS[width], patch_size=patch, image_size=tuple(image_size), **overrides)
 
     @property
     def grid(self) -> Grid:
