@@ -273,6 +273,16 @@ def test_torchvision_source_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (index["total"], index["classes"]) == (6, ["airplane", "truck"])
     labels = {k: int(f["cls"]) for k, f in _tar_samples(tmp_path / "out" / "shard-000000.tar").items()}
     assert labels["FakeCIFAR_test_00000000"] == 1 and labels["FakeCIFAR_test_00000001"] == 0
+    with pytest.raises(ValueError, match="has the splits train and test, not 'val'"):  # not silently the test set
+        write_shards("torchvision:FakeCIFAR", tmp_path / "val", split="val", download_dir=tmp_path, progress=False)
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path: Path) -> None:
+    for name in ("cat/1.jpg", "dog/2.jpg", ".ipynb_checkpoints/3.jpg", "dog/.4.jpg"):
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(_jpeg(Image.new("RGB", (8, 8))))
+    index = write_shards(str(tmp_path / "src"), tmp_path / "out", progress=False)
+    assert (index["total"], index["classes"]) == (2, ["cat", "dog"])
 
 
 # ---------------------------------------------------------------- transforms

@@ -132,16 +132,20 @@ class FolderSource(_PathListSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
-        relpaths = sorted(
-            (Path(d) / f).relative_to(self.root).as_posix()
-            for d, _, files in os.walk(self.root)
-            for f in files
-            if is_image_name(f)
-        )
-        super().__init__(str(self.root), relpaths, labeled)
+        super().__init__(str(self.root), sorted(_visible_images(self.root)), labeled)
 
     def _bytes(self, i: int) -> bytes:
         return (self.root / self.relpaths[i]).read_bytes()
+
+
+def _visible_images(root: Path) -> Iterator[str]:
+    """Relative paths of the image files under `root`, passing over hidden files and folders
+    (.ipynb_checkpoints, .DS_Store, ...), which are never classes or samples."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # os.walk descends into what is left
+        for f in files:
+            if is_image_name(f) and not f.startswith("."):
+                yield (Path(folder) / f).relative_to(root).as_posix()
 
 
 def _seekable_tar(path: Path) -> tuple[tarfile.TarFile, IO[bytes] | None]:
@@ -277,7 +281,12 @@ class TorchvisionSource(Source):
             raise ValueError(f"unknown torchvision dataset {name!r}")
         params = inspect.signature(cls).parameters
         # Older datasets take train=bool, newer ones split=str.
-        which = {"train": split == "train"} if "train" in params else {"split": split}
+        if "train" in params:
+            if split not in ("train", "test"):
+                raise ValueError(f"torchvision:{name} has the splits train and test, not {split!r}")
+            which: dict[str, Any] = {"train": split == "train"}
+        else:
+            which = {"split": split}
         self._data = cls(root=str(root), download=True, **which)
         if len(self._data) == 0:
             raise ValueError(f"no images found in torchvision dataset {name} [{split}]")
