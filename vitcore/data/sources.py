@@ -196,11 +196,16 @@ class TarSource(_PathListSource):
         if not self.path.is_file():
             raise FileNotFoundError(f"tar archive not found: {self.path}")
         self._tar, self._plain = _seekable_tar(self.path)
-        members = {m.name.removeprefix("./"): m for m in self._tar.getmembers() if m.isfile() and is_image_name(m.name)}
-        relative = _select_split(sorted(members), split)
-        self._members = [members[name] for name in relative]
-        where = f"{self.path}" + (f" (folder {split!r} inside the archive)" if split else "")
-        super().__init__(where, list(relative.values()), labeled)
+        try:
+            members = {m.name.removeprefix("./"): m for m in self._tar.getmembers()
+                       if m.isfile() and is_image_name(m.name)}
+            relative = _select_split(sorted(members), split)
+            self._members = [members[name] for name in relative]
+            where = f"{self.path}" + (f" (folder {split!r} inside the archive)" if split else "")
+            super().__init__(where, list(relative.values()), labeled)
+        except BaseException:  # no images, no such split, a corrupt archive: release the (temporary) files
+            self.close()
+            raise
 
     def _bytes(self, i: int) -> bytes:
         with self._tar.extractfile(self._members[i]) as f:
