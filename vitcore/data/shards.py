@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from vitcore.data.sources import Record, open_source
 from vitcore.data.stream import INDEX_NAME
+from vitcore.data.tar import TAR_BLOCK
 from vitcore.data.transforms import DECODE_ERRORS, decode_image
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 SKIPPED_NAME = "skipped.txt"
 SHARD_NAME = "shard-{:06d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 1000
-_TAR_BLOCK = 512
 
 
 def encode_jpeg(image: bytes | Image.Image, resize: int | None, quality: int) -> bytes:
@@ -77,7 +77,7 @@ class _ShardSink:
         self._tar: tarfile.TarFile | None = None
 
     def add(self, key: str, files: dict[str, bytes]) -> None:
-        size = sum(_TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK for data in files.values())
+        size = sum(TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK for data in files.values())
         if self._tar is None or self._full(size):
             self._roll()
         for ext, data in files.items():

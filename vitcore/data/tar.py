@@ -12,8 +12,8 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-_TAR_BLOCK = 512
-_ZERO_BLOCK = bytes(_TAR_BLOCK)
+TAR_BLOCK = 512  # tar headers and member data come in blocks of this size
+_ZERO_BLOCK = bytes(TAR_BLOCK)
 _META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata files, not samples
 
 
@@ -74,15 +74,15 @@ def iter_tar_samples(stream: BinaryIO) -> Iterator[dict[str, Any]]:
     sample: dict[str, Any] | None = None
     long_name: str | None = None
     while True:
-        header = stream.read(_TAR_BLOCK)
-        if len(header) < _TAR_BLOCK or header == _ZERO_BLOCK:
+        header = stream.read(TAR_BLOCK)
+        if len(header) < TAR_BLOCK or header == _ZERO_BLOCK:
             if header and header != _ZERO_BLOCK:
                 raise tarfile.ReadError("unexpected end of data")
             break
         if sum(header) - sum(header[148:156]) + 8 * ord(" ") != _octal(header[148:156]):
             raise tarfile.ReadError("bad tar header checksum")
         size, kind = _octal(header[124:136]), header[156:157]
-        padded = size + -size % _TAR_BLOCK
+        padded = size + -size % TAR_BLOCK
         if kind in (b"x", b"L"):  # pax or GNU header carrying the next member's long name
             data = _read_exact(stream, padded)[:size]
             long_name = _pax_path(data) if kind == b"x" else data.rstrip(b"\0").decode()
