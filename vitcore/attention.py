@@ -1,0 +1,137 @@
+"""Pictures of what a ViT attends to, and of a confusion matrix, as tensors for TensorBoard or PNG.
+
+Attention rollout (Abnar & Zuidema, 2020) follows attention through the residual stream by
+averaging heads, adding the identity for the skip connection and multiplying the layers. Its
+inputs are the per-block weights in `ViTOutput.attentions` from `ViT(images, return_attention=True)`.
+Everything here is a pure function of tensors; images come back as (3, H, W) floats in [0, 1], as
+`SummaryWriter.add_image` takes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import make_grid
+
+from vitcore.pos_embed import Grid
+
+# An 'inferno'-like ramp, black -> purple -> red -> orange -> pale yellow, sampled from matplotlib's
+# inferno at 0, 1/4, ..., 1. Luminance rises monotonically, so bright always means high.
+INFERNO: tuple[tuple[float, float, float], ...] = (
+    (0.001, 0.000, 0.014),
+    (0.341, 0.062, 0.429),
+    (0.735, 0.216, 0.330),
+    (0.978, 0.557, 0.035),
+    (0.988, 0.998, 0.645),
+)
+
+
+def rollout(attentions: list[torch.Tensor], residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout: how much each output token draws on each input token through all blocks.
+
+    Per block (B, heads, T, T) weights -> (B, T, T) in float32, rows summing to 1. Each block's
+    heads are averaged into A, mixed with the skip connection as A' = residual * I + (1 - residual) * A
+    (the paper's 0.5 * A + 0.5 * I), rows renormalised, and the blocks multiplied with the first
+    innermost: R = A'_L @ ... @ A'_1.
+    """
+    if not attentions:
+        raise ValueError("rollout needs the attention weights of at least one block")
+    result: torch.Tensor | None = None
+    for attn in attentions:
+        a = attn.float().mean(dim=1)  # (B, T, T)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # (T, T)
+        a = residual * eye + (1.0 - residual) * a
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result  # (B, T, T)
+    assert result is not None
+    return result
+
+
+def _normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each (gh, gw) map of (..., gh, gw) to [0, 1]; a constant map becomes zeros."""
+    flat = maps.flatten(-2)  # (..., N)
+    lo = flat.amin(dim=-1, keepdim=True)
+    hi = flat.amax(dim=-1, keepdim=True)
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).reshape(maps.shape)
+
+
+def _patch_maps(cls_row: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """(..., T) attention from [CLS] to all tokens -> (..., gh, gw) over the patch tokens."""
+    gh, gw = grid
+    if cls_row.shape[-1] != 1 + gh * gw:
+        raise ValueError(f"{cls_row.shape[-1]} tokens do not match [CLS] + a {gh}x{gw} grid")
+    return cls_row[..., 1:].reshape(*cls_row.shape[:-1], gh, gw)
+
+
+def cls_attention_map(attentions: list[torch.Tensor], grid: Grid, residual: float = 0.5) -> torch.Tensor:
+    """(B, gh, gw) rollout of [CLS] over the patches, scaled to [0, 1] per image: where the model looks."""
+    cls_row = rollout(attentions, residual)[:, 0]  # (B, T)
+    return _normalise_maps(_patch_maps(cls_row, grid))
+
+
+def last_layer_cls_heads(attentions: list[torch.Tensor], grid: Grid) -> torch.Tensor:
+    """(B, heads, gh, gw) last block's [CLS] attention over the patches per head, each map scaled to [0, 1]."""
+    if not attentions:
+        raise ValueError("last_layer_cls_heads needs the attention weights of at least one block")
+    cls_row = attentions[-1].float()[:, :, 0]  # (B, heads, T)
+    return _normalise_maps(_patch_maps(cls_row, grid))
+
+
+def colormap(values: torch.Tensor) -> torch.Tensor:
+    """(...) values in [0, 1] -> (..., 3) RGB in [0, 1] on the INFERNO ramp, linearly interpolated."""
+    stops = torch.tensor(INFERNO, dtype=torch.float32, device=values.device)  # (K, 3)
+    pos = values.float().clamp(0.0, 1.0) * (len(INFERNO) - 1)
+    i = pos.floor().long().clamp(max=len(INFERNO) - 2)  # (...) index of the lower stop
+    t = (pos - i).unsqueeze(-1)  # (..., 1) position between stops i and i + 1
+    return stops[i] * (1.0 - t) + stops[i + 1] * t  # (..., 3)
+
+
+def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Attention maps blended over their images, for TensorBoard's `add_image`.
+
+    (B, 3, H, W) uint8 images (floats are taken as already in [0, 1]) and (B, gh, gw) maps in [0, 1]
+    -> (3, H', W') float grid in [0, 1]: the images in the top row, the overlays below (nrow = B).
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
+        raise ValueError(f"expected (B, 3, H, W) images and (B, gh, gw) maps, got {tuple(images.shape)} "
+                         f"and {tuple(maps.shape)}")
+    images = images.detach()
+    pictures = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0.0, 1.0)
+    maps = maps.detach().float().to(images.device)[:, None]  # (B, 1, gh, gw)
+    up = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
+    heat = colormap(up[:, 0]).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    blended = (1.0 - alpha) * pictures + alpha * heat
+    return make_grid(torch.cat([pictures, blended]), nrow=images.shape[0], padding=2).clamp(0.0, 1.0)
+
+
+def confusion_image(matrix: torch.Tensor, cell: int = 16) -> torch.Tensor:
+    """Heat map of a (C, C) confusion matrix (rows true, columns predicted), each row normalised.
+
+    -> (3, C * cell, C * cell) float in [0, 1], `cell` pixels per entry, with 1-pixel grey grid lines
+    between cells when cell >= 4. A row with no samples is drawn as zeros.
+    """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"expected a square (C, C) matrix, got {tuple(matrix.shape)}")
+    m = matrix.detach().float()
+    totals = m.sum(dim=1, keepdim=True)  # (C, 1)
+    rates = torch.where(totals > 0, m / totals.clamp_min(1e-12), torch.zeros_like(m))  # (C, C)
+    image = colormap(rates).permute(2, 0, 1)  # (3, C, C)
+    image = image.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)  # (3, C*cell, C*cell)
+    if cell >= 4:
+        lines = torch.arange(1, matrix.shape[0], device=image.device) * cell
+        image[:, lines, :] = 0.5
+        image[:, :, lines] = 0.5
+    return image
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """Write a (3, H, W) float image in [0, 1] (e.g. from `overlay`) to a PNG, creating its folder."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image, got {tuple(image.shape)}")
+    pixels = (image.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)  # (3, H, W)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(path)
