@@ -212,7 +212,7 @@ def test_tar_source_selects_split_folder(image_folder: Path, tmp_path: Path) -> 
             write_shards(str(archive), tmp_path / "none", split="test")
 
 
-def test_hf_saved_dataset_with_class_labels_sorted(tmp_path: Path) -> None:
+def test_hf_saved_dataset_keeps_its_label_ids(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["zebra", "ant"])})
     colors = {0: (255, 255, 255), 1: (0, 0, 0)}  # zebra white, ant black
@@ -221,7 +221,7 @@ def test_hf_saved_dataset_with_class_labels_sorted(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"img": images, "label": labels}, features=features).save_to_disk(str(tmp_path / "hf"))
 
     index = write_shards(str(tmp_path / "hf"), tmp_path / "out", progress=False)
-    assert (index["total"], index["classes"]) == (10, ["ant", "zebra"])
+    assert (index["total"], index["classes"]) == (10, ["zebra", "ant"])
     for files in _tar_samples(tmp_path / "out" / "shard-000000.tar").values():
         brightness = decode_image(files["jpg"]).getpixel((10, 10))[0]
         assert index["classes"][int(files["cls"])] == ("zebra" if brightness > 128 else "ant")
@@ -231,7 +231,7 @@ def test_hf_saved_dataset_with_class_labels_sorted(tmp_path: Path) -> None:
     unlabeled.save_to_disk(str(tmp_path / "hf-missing"))
     write_shards(str(tmp_path / "hf-missing"), tmp_path / "out-missing", shuffle_seed=None, progress=False)
     samples = _tar_samples(tmp_path / "out-missing" / "shard-000000.tar")
-    assert [files.get("cls") for _, files in sorted(samples.items())] == [b"1", None, b"0", None]
+    assert [files.get("cls") for _, files in sorted(samples.items())] == [b"0", None, b"1", None]
 
 
 def test_a_crash_mid_rewrite_leaves_no_stale_index(image_folder: Path, tmp_path: Path,
@@ -270,9 +270,9 @@ def test_torchvision_source_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torchvision.datasets, "FakeCIFAR", FakeCIFAR, raising=False)
     index = write_shards("torchvision:FakeCIFAR", tmp_path / "out", split="test", download_dir=tmp_path, progress=False)
     assert calls == [(str(tmp_path), False, True)]
-    assert (index["total"], index["classes"]) == (6, ["airplane", "truck"])
+    assert (index["total"], index["classes"]) == (6, ["truck", "airplane"])
     labels = {k: int(f["cls"]) for k, f in _tar_samples(tmp_path / "out" / "shard-000000.tar").items()}
-    assert labels["FakeCIFAR_test_00000000"] == 1 and labels["FakeCIFAR_test_00000001"] == 0
+    assert labels["FakeCIFAR_test_00000000"] == 0 and labels["FakeCIFAR_test_00000001"] == 1
     with pytest.raises(ValueError, match="has the splits train and test, not 'val'"):  # not silently the test set
         write_shards("torchvision:FakeCIFAR", tmp_path / "val", split="val", download_dir=tmp_path, progress=False)
 

@@ -2,7 +2,8 @@
 
 Every source is a finite, indexable list of records (key, image, label) that can be read in any
 order the shard writer asks for, so shuffling happens on indices, never on decoded images.
-Class names are sorted and a label is the index of its class in that sorted list.
+A label is the position of its class in the source's `classes` list: for folders and tars the
+sorted class folder names; for HF and torchvision datasets the dataset's own label ids and order.
 """
 
 from __future__ import annotations
@@ -82,9 +83,63 @@ def path_key(relpath: str) -> str:
 
 
 def sorted_class_map(names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
-    """Sorted class names and the name -> label mapping they define."""
+    """Sorted class folder names (one per folder, however often each is given) and the name -> label
+    mapping they define. Only for names that are identities, such as folders; never for dataset
+    display names, where two classes can share a name."""
     classes = sorted(set(names))
     return classes, {name: i for i, name in enumerate(classes)}
+
+
+def unique_class_names(names: Sequence[str]) -> list[str]:
+    """A dataset's class names in its label order (label i -> entry i), made unique for index.json.
+
+    Different classes can share a display name (ImageNet's two "crane" synsets, say); the label
+    ids are the identity, so nothing is merged or reordered: a repeated name gets " (2)", " (3)",
+    ... in order of appearance, skipping any suffixed name the dataset already uses.
+    """
+    taken = set(names)
+    seen: set[str] = set()
+    unique = []
+    for name in names:
+        if name in seen:
+            n = 2
+            while f"{name} ({n})" in taken:
+                n += 1
+            name = f"{name} ({n})"
+            taken.add(name)
+        seen.add(name)
+        unique.append(name)
+    return unique
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def check_same_classes(train: list[str] | None, val: list[str] | None, train_where: str, val_where: str) -> None:
+    """Raise a one-line ValueError when a validation split's classes (its index.json `classes`)
+    are not training's, in the same order: a label means a class only if both agree.
+
+    None is an unlabeled split; two unlabeled splits agree. `train_where`/`val_where` name the
+    splits in the message (e.g. "eval.shards: data/val").
+    """
+    if train == val:
+        return
+    if val is None or train is None:
+        unlabeled, labeled, classes = (val_where, train_where, train) if val is None else (train_where, val_where, val)
+        raise ValueError(f"{unlabeled} has no labels (index classes is null), {labeled} has {len(classes)} classes")
+    train_set, val_set = set(train), set(val)
+    missing = [c for c in train if c not in val_set]
+    extra = [c for c in val if c not in train_set]
+    if missing or extra or len(train) != len(val):
+        detail = "; ".join(f"{kind}: {_listed(names)}" for kind, names in (("missing", missing), ("extra", extra))
+                           if names)
+        raise ValueError(f"{val_where} has {len(val)} classes, {train_where} has {len(train)}"
+                         + (f" ({detail})" if detail else ""))
+    i = next(i for i, (v, t) in enumerate(zip(val, train)) if v != t)
+    raise ValueError(f"{val_where} and {train_where}: classes differ in order at label {i} (val {val[i]!r}, "
+                     f"train {train[i]!r}): write both splits from one source so labels agree")
 
 
 def label_relpaths(relpaths: Sequence[str], labeled: bool | None) -> tuple[list[str] | None, list[int | None]]:
@@ -218,7 +273,10 @@ class TarSource(_PathListSource):
 
 
 class HFSource(Source):
-    """A Hugging Face `datasets` split: the first Image column, and the first ClassLabel as label."""
+    """A Hugging Face `datasets` split: the first Image column, and the first ClassLabel as label.
+
+    Labels are the ClassLabel ids and `classes` its names in id order (see `unique_class_names`).
+    """
 
     def __init__(self, dataset: Any, description: str) -> None:
         import datasets
@@ -231,12 +289,7 @@ class HFSource(Source):
         if len(dataset) == 0:
             raise ValueError(f"no images found in {description}")
         self.description = description
-        self.classes = None
-        self._remap: list[int] = []
-        if label_col is not None:
-            names = features[label_col].names
-            self.classes, index = sorted_class_map(names)
-            self._remap = [index[n] for n in names]
+        self.classes = None if label_col is None else unique_class_names(features[label_col].names)
         # Encoded bytes (or a file path) instead of decoded images: the writer re-encodes anyway.
         self._data = dataset.cast_column(image_col, datasets.Image(decode=False))
         self._image_col, self._label_col = image_col, label_col
@@ -252,7 +305,7 @@ class HFSource(Source):
             target = None if self._label_col is None else row[self._label_col]
             # HF marks an unlabeled row with -1: written without a label (MPP can use it; a
             # labeled stream skips and counts it), never as the last class by negative indexing.
-            label = None if target is None or target < 0 else self._remap[target]
+            label = None if target is None or target < 0 else int(target)
             yield Record(f"{i:08d}", data, label)
 
 
@@ -276,7 +329,11 @@ def open_hf(name_or_path: str, split: str | None) -> HFSource:
 
 
 class TorchvisionSource(Source):
-    """A `torchvision.datasets` class by name (CIFAR10, CIFAR100, ...), downloaded on first use."""
+    """A `torchvision.datasets` class by name (CIFAR10, CIFAR100, ...), downloaded on first use.
+
+    Labels are the dataset's targets and `classes` its `classes` list in target order, with
+    repeated names made unique (see `unique_class_names`); without `classes`, images are unlabeled.
+    """
 
     def __init__(self, name: str, split: str, root: str | Path) -> None:
         import torchvision
@@ -298,10 +355,7 @@ class TorchvisionSource(Source):
         self.description = f"torchvision:{name} [{split}]"
         self._prefix = f"{name}_{split}"
         names = getattr(self._data, "classes", None)
-        self.classes, self._remap = None, []
-        if names:
-            self.classes, index = sorted_class_map(names)
-            self._remap = [index[n] for n in names]
+        self.classes = unique_class_names(list(names)) if names else None
 
     def __len__(self) -> int:
         return len(self._data)
@@ -309,7 +363,7 @@ class TorchvisionSource(Source):
     def read(self, order: Iterable[int]) -> Iterator[Record]:
         for i in order:
             image, target = self._data[int(i)]
-            label = self._remap[int(target)] if self.classes else None
+            label = int(target) if self.classes else None
             yield Record(f"{self._prefix}_{i:08d}", image, label)
 
 
