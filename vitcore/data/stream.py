@@ -2,7 +2,7 @@
 
 Each (rank, worker) pair runs its own deterministic stream, seeded by (seed, epoch, rank, worker):
 
-    shards (resampled with replacement, or this worker's share) -> raw samples -> shuffle buffer
+    shards (resampled with replacement, or this worker's sample ranges) -> raw samples -> shuffle buffer
       -> [resume: drop already-consumed samples, undecoded] -> decode + augment -> batch
 
 Epoch length comes from index.json: every rank gets total // (world_size * batch_size) batches,
@@ -16,12 +16,27 @@ corrupt samples included, provided rank, world_size and num_workers are unchange
 state of another rank (same topology) it is exact when no corrupt sample was met. After a
 topology change the rest of the epoch is a fresh resampled stream seeded by the resume position:
 statistically equivalent, never a replay of the epoch's beginning.
+
+Exactly-once (evaluation) streams divide the epoch into sample ranges `(shard, start, stop)`,
+computed from index.json's per-shard sample counts, the seed and the epoch only, so that every
+rank derives the same division. The world's world_size x num_workers streams (num_workers=0 is
+one stream) are numbered worker-major, worker * world_size + rank, so that work spreads over the
+ranks first. With at least as many non-empty shards as streams, each stream reads whole shards:
+the largest first, each to the stream with the fewest samples so far. With fewer (8 validation
+shards on 64 GPUs), the shards, concatenated in the epoch's seeded order, are cut into one
+contiguous run per stream, the runs differing in length by at most one sample, so a shard may be
+shared by consecutive streams. A stream reads only its ranges: it passes over the samples before
+`start` by their tar headers (seeking over their data in a local file, never decoding them) and
+stops at `stop`. With more streams than samples, the streams past the last sample get no range:
+their ranks yield no batch, and `len()` says so. A corrupt sample counts one skip in `skipped`,
+and so does a range that breaks off or ends before `stop`.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import heapq
 import json
 import logging
 import random
@@ -132,7 +147,7 @@ class _WorkerPlan:
     """What one worker streams this epoch."""
 
     seed: int  # seeds shard draws, sample shuffling and per-sample augmentation
-    shards: list[str] | None  # this worker's shards in order; None = draw from all with replacement
+    ranges: list[tuple[str, int, int]] | None  # this worker's (url, start, stop) in order; None = resampled
     skip: int  # post-shuffle samples already consumed before a resume, dropped undecoded
     batches: int | None  # batches to deliver; None = until the shards run out
 
@@ -156,20 +171,61 @@ def _resampled(urls: list[str], sizes: list[int] | None, rng: random.Random) -> 
         yield from rng.choices(urls, weights=sizes, k=64)
 
 
-def _read_shards(urls: Iterable[str], stats: _WorkerStats, barren_limit: int) -> Iterator[dict[str, Any]]:
-    """Raw samples of each shard in turn; a shard that fails to open or breaks off counts one skip."""
+def _exactly_once_ranges(sizes: list[int], order: list[int], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Every sample once, divided among `parts` streams as (shard, start, stop) ranges per stream.
+
+    Whole shards when there are at least as many non-empty shards as streams (largest first, each
+    to the stream with the fewest samples so far); otherwise the shards, concatenated in `order`,
+    cut into `parts` contiguous runs of near-equal length. Depends only on its arguments.
+    """
+    shards = [i for i in order if sizes[i] > 0]
+    ranges: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    if len(shards) >= parts:
+        loads = [(0, p) for p in range(parts)]  # a heap of (samples so far, stream)
+        for i in sorted(shards, key=lambda i: -sizes[i]):  # stable: ties keep the epoch's order
+            load, p = heapq.heappop(loads)
+            ranges[p].append((i, 0, sizes[i]))
+            heapq.heappush(loads, (load + sizes[i], p))
+        rank_in_order = {i: n for n, i in enumerate(shards)}
+        return [sorted(r, key=lambda r: rank_in_order[r[0]]) for r in ranges]
+    total = sum(sizes[i] for i in shards)
+    bounds = [p * (total // parts) + min(p, total % parts) for p in range(parts + 1)]  # share() summed
+    first = 0  # of the shard, in the concatenation
+    for i in shards:
+        last = first + sizes[i]
+        for p in range(parts):
+            start, stop = max(bounds[p], first), min(bounds[p + 1], last)
+            if start < stop:
+                ranges[p].append((i, start - first, stop - first))
+        first = last
+    return ranges
+
+
+def _read_shards(ranges: Iterable[tuple[str, int, int | None]], stats: _WorkerStats,
+                 barren_limit: int) -> Iterator[dict[str, Any]]:
+    """Raw samples start..stop-1 of each (url, start, stop) shard range in turn (stop None: to the
+    end). A range that fails to open, breaks off or ends before `stop` counts one skip."""
     barren = 0
-    for url in urls:
+    for url, start, stop in ranges:
         produced = 0
+        wanted = None if stop is None else stop - start
         try:
             with gopen(url) as stream:
-                for sample in iter_tar_samples(stream):
+                for sample in islice(iter_tar_samples(stream, skip=start), wanted):
                     produced += 1
                     sample["__url__"] = url
                     yield sample
         except SHARD_ERRORS as exc:
-            stats.skipped += 1
-            log.warning("skipping the rest of shard %s: %s", url, exc)
+            if produced == wanted:  # a pipe closed before its end may complain: the range is whole
+                log.debug("shard %s closed after samples %d..%d: %s", url, start, stop, exc)
+            else:
+                stats.skipped += 1
+                log.warning("skipping the rest of shard %s: %s", url, exc)
+        else:
+            if wanted is not None and produced < wanted:
+                stats.skipped += 1
+                log.warning("shard %s ended after %d of its samples %d..%d that the index lists",
+                            url, produced, start, stop - 1)
         barren = 0 if produced else barren + 1
         if barren >= barren_limit:
             raise RuntimeError(f"{barren} shards in a row gave no sample (last: {url})")
@@ -221,10 +277,11 @@ class _EpochStream(IterableDataset):
 
     def _worker_batches(self, worker: int, plan: _WorkerPlan) -> Iterator[Batch]:
         stats = _WorkerStats(worker, consumed=plan.skip)
-        urls = plan.shards
-        if urls is None:
-            urls = _resampled(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
-        samples = _read_shards(urls, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
+        ranges: Iterable[tuple[str, int, int | None]] | None = plan.ranges
+        if ranges is None:
+            draws = _resampled(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
+            ranges = ((url, 0, None) for url in draws)
+        samples = _read_shards(ranges, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
         if self.shuffle_buffer > 1:
             samples = _shuffle(samples, self.shuffle_buffer, rng=random.Random(derive_seed(plan.seed, "samples")))
         samples = _drop_consumed(samples, plan.skip, stats)
@@ -287,7 +344,8 @@ class ShardStream:
     Yields {"image": uint8 (B, 3, H, W), "label": int64 (B,) or None, "key": list[str]}.
     `resampled=True` (training): every (rank, worker) draws shards with replacement and every rank
     gets exactly `len(self)` batches. `resampled=False` (evaluation): each sample exactly once per
-    epoch across all ranks; ranks may then get different batch counts.
+    epoch across all ranks, divided in sample ranges (module docstring); ranks may then get
+    different batch counts, none when there are more streams than samples.
     `transform` maps a PIL image to a uint8 (3, H, W) tensor. It gets the image as `Image.open` left
     it, header read and pixels not decoded (any mode), so that it can pick a JPEG draft scale for
     its crop (see `vitcore.data.transforms`); decode errors it raises count as skipped samples.
@@ -331,6 +389,8 @@ class ShardStream:
         self._offsets: list[int] | None = None  # raw samples each worker consumed in this segment
         self._skipped = 0  # skips folded in from finished iterations or checkpoints
         self._worker_skipped = [0] * self._streams  # skips reported by the running workers
+        self._ranges_for: tuple[int, int] | None = None  # (seed, epoch) of the cached exactly-once division
+        self._ranges: list[list[tuple[int, int, int]]] = []
         if resampled and len(self) == 0:
             raise ValueError(f"{self.epoch_samples} samples make no batch of {batch_size} on {world_size} ranks")
 
@@ -343,9 +403,7 @@ class ShardStream:
         """Batches this rank gets in the current epoch."""
         if self.resampled:
             return self._batches_in(self.epoch_samples // self.world_size)
-        mine = self._epoch_shard_ids()[self.rank::self.world_size]
-        per_worker = [sum(self._shard_samples[i] for i in mine[w::self._streams]) for w in range(self._streams)]
-        return sum(self._batches_in(samples) for samples in per_worker)
+        return sum(self._batches_in(sum(stop - start for _, start, stop in ranges)) for ranges in self._my_ranges())
 
     def _batches_in(self, samples: int) -> int:
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
@@ -356,11 +414,21 @@ class ShardStream:
         random.Random(derive_seed(self.seed, self.epoch, "shard-order")).shuffle(ids)
         return ids
 
+    def _my_ranges(self) -> list[list[tuple[int, int, int]]]:
+        """Exactly-once mode: each of this rank's workers' (shard, start, stop) ranges this epoch."""
+        key = (self.seed, self.epoch)
+        if self._ranges_for != key:  # the division of the whole world, the same on every rank
+            division = _exactly_once_ranges(self._shard_samples, self._epoch_shard_ids(),
+                                            self.world_size * self._streams)
+            self._ranges_for, self._ranges = key, division
+        # Streams are numbered worker-major, so that small epochs spread over the ranks first.
+        return [self._ranges[w * self.world_size + self.rank] for w in range(self._streams)]
+
     def _plans(self) -> list[_WorkerPlan]:
         done = self._batches - self._segment  # batches the current streams have delivered
         offsets = self._offsets or [share(done, self._streams, w) * self.batch_size for w in range(self._streams)]
         remaining = len(self) - self._segment
-        mine = self._epoch_shard_ids()[self.rank::self.world_size] if not self.resampled else []
+        mine = self._my_ranges() if not self.resampled else []
         plans = []
         for w in range(self._streams):
             seed = derive_seed(self.seed, self.epoch, self.rank, w, self._segment)
@@ -368,7 +436,8 @@ class ShardStream:
                 batches = share(remaining, self._streams, w) - share(done, self._streams, w)
                 plan = _WorkerPlan(seed, None, offsets[w], batches)
             else:
-                plan = _WorkerPlan(seed, [self.urls[i] for i in mine[w::self._streams]], offsets[w], None)
+                ranges = [(self.urls[i], start, stop) for i, start, stop in mine[w]]
+                plan = _WorkerPlan(seed, ranges, offsets[w], None)
             plans.append(plan)
         return plans
 
