@@ -38,8 +38,8 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_bad_yaml_key_is_named(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("optim:\n  lr: 1e-3\n  momentum: 0.9\n")
-    with pytest.raises(ConfigError, match="^optim.momentum: Key 'momentum' not in 'OptimConfig'"):
+    path.write_text("optim:\n  lr: 1e-3\n  nesterov: true\n")
+    with pytest.raises(ConfigError, match="^optim.nesterov: Key 'nesterov' not in 'OptimConfig'"):
         load_config(PretrainConfig, path)
 
 
