@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # the official fast.ai archive (downloaded once into data/).
 IMAGENETTE ?= $(firstword $(wildcard ../shared/data/imagenette2-224.tar) \
                           https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz)
-DEMO_DATA  ?= data/imagenette-64
+DEMO_DATA  ?= data/imagenette-112
 DEMO_RUNS  ?= runs/demo
 # One local process; `accelerate launch` with these flags asks nothing and warns about nothing.
 LAUNCH     := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 \
@@ -33,9 +33,10 @@ demo: setup $(DEMO_DATA)/train/index.json
 	$(LAUNCH) pretrain/run.py data.shards=$(DEMO_DATA)/train run.out_dir=$(DEMO_RUNS)/pretrain
 	$(PY) -m vitcore.report $(DEMO_RUNS)/pretrain
 
-# Shards pre-resized to 72 px (shorter side): decoding then costs little next to training.
+# Shards pre-resized to 112 px (shorter side): decoding costs little next to training, and the
+# 96 px fine-tuning crops still come from real pixels.
 $(DEMO_DATA)/%/index.json: | setup
-	$(PY) -m vitcore.data.shards --source $(IMAGENETTE) --split $* --resize 72 --out $(DEMO_DATA)/$*
+	$(PY) -m vitcore.data.shards --source $(IMAGENETTE) --split $* --resize 112 --out $(DEMO_DATA)/$*
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

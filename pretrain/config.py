@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from pretrain.targets import TARGETS
-from vitcore.config import DataConfig, ModelConfig, OptimConfig, RunConfig, check
+from vitcore.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, check
 
 
 @dataclass
@@ -41,8 +41,11 @@ class PretrainConfig:
     # 700 steps: MPP accuracy ~4x the most-frequent-colour baseline in 4-9 minutes on 2 CPU cores.
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/pretrain", steps=700))
     mpp: MPPConfig = field(default_factory=MPPConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # MPP accuracy on held-out shards, when given
 
     def validate(self) -> None:
+        check(self.eval.shards is None or self.mpp.target != "pixels", "eval.shards",
+              "evaluation scores colour classes; mpp.target=pixels has none (set eval.shards=null)")
         if self.mpp.target == "downsampled":
             check(self.model.patch_size % 4 == 0, "mpp.target",
                   f"downsampled targets need a patch size divisible by 4, got {self.model.patch_size}")

@@ -1,6 +1,6 @@
 """The masked patch prediction task: the model (encoder + [mask] token + head), loss and metrics.
 
-The engine knows nothing of MPP; it calls `build_model`, `loss`, `encoder` and `visualize`.
+The engine knows nothing of MPP; it calls the `vitcore.engine.Task` methods implemented here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from torchvision.utils import make_grid
 from pretrain.config import MPPConfig, PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, Corruption, corrupt, corruption_counts
 from pretrain.targets import SUB, make_targets, num_outputs, patchify, render, unpatchify
-from vitcore.data.transforms import normalize, pretrain_transform
+from vitcore.data.transforms import eval_transform, normalize, pretrain_transform
+from vitcore.engine import Task
 from vitcore.vit import ViT, ViTConfig
 
 
@@ -57,19 +58,28 @@ class MPPModel(nn.Module):
         # The head runs on the K selected tokens only: static shape, and no work on the rest.
         return MPPOutput(self.head(selected), record)  # (B, K, outputs)
 
+    def no_weight_decay(self) -> set[str]:
+        """The [mask] embedding is a token, not a weight: never decayed (read by `vitcore.optim`)."""
+        return {"mask_token"}
 
-class MPPTask:
-    """Masked patch prediction as an engine task (see vitcore.engine's Task protocol)."""
+
+class MPPTask(Task):
+    """Masked patch prediction as an engine task. Its evaluation (on `eval.shards`, labels unused)
+    scores the predicted colours of the corrupted patches, with a fixed corruption per batch."""
 
     name = "pretrain"  # recorded in checkpoints
     labeled = False  # self-supervised: shards need no labels
+    bar_keys = ("loss", "acc", "baseline_acc", "img_s")
+    report_columns = (("loss", "loss", "{:.3f}"), ("MPP acc", "acc", "{:.1%}"),
+                      ("most-frequent-colour acc", "baseline_acc", "{:.1%}"), ("val MPP acc", "eval.top1", "{:.1%}"))
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.transform = pretrain_transform(cfg.model.image_size)  # PIL -> uint8 (3, H, W), in data workers
+        self.eval_transform = eval_transform(cfg.model.image_size)
         self.mpp = cfg.mpp
         self.patch = cfg.model.patch_size
-        self.classes = 2 ** (3 * cfg.mpp.bits)
+        self.num_colours = 2 ** (3 * cfg.mpp.bits)  # classes of a colour target (512 for 3 bits)
 
     def build_model(self) -> MPPModel:
         m = self.cfg.model
@@ -90,7 +100,7 @@ class MPPTask:
         if self.mpp.target == "pixels":
             return logits
         if self.mpp.target == "downsampled":
-            logits = logits.unflatten(-1, (SUB * SUB, self.classes))  # (B, K, 16, C)
+            logits = logits.unflatten(-1, (SUB * SUB, self.num_colours))  # (B, K, 16, C)
         return logits.argmax(-1)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
@@ -106,16 +116,27 @@ class MPPTask:
             metrics.update({f"mse_{name}": _masked_mean(err.detach(), rec.kind == code) for name, code in kinds})
             return loss, metrics
 
-        scores = logits.float().reshape(*target.shape, self.classes)  # (B, K[, 16], C) fp32 for the softmax
+        scores = logits.float().reshape(*target.shape, self.num_colours)  # (B, K[, 16], C) fp32 for the softmax
         loss = F.cross_entropy(scores.flatten(0, -2), target.flatten())
         with torch.no_grad():
             correct = (scores.argmax(-1) == target).float()  # (B, K[, 16])
             kind = rec.kind.reshape(*rec.kind.shape, *[1] * (target.ndim - 2)).expand_as(target)  # (B, K[, 16])
-            freq = torch.zeros(self.classes, device=target.device).index_add_(
+            freq = torch.zeros(self.num_colours, device=target.device).index_add_(
                 0, target.flatten(), torch.ones(target.numel(), device=target.device))  # (C,) no bincount: it syncs
             metrics = {"loss": loss.detach(), "acc": correct.mean(), "baseline_acc": freq.max() / target.numel()}
             metrics.update({f"acc_{name}": _masked_mean(correct, kind == code) for name, code in kinds})
         return loss, metrics
+
+    def predict(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
+        """Evaluation: colour logits (M, C) and targets (M,) of every corrupted patch (or sub-patch),
+        the corruption drawn from a fixed-seed generator (the training RNG is left alone)."""
+        if self.mpp.target == "pixels":
+            raise NotImplementedError("evaluation scores colour classes; mpp.target=pixels has none")
+        images = batch["image"]  # (B, 3, H, W) uint8
+        generator = torch.Generator(images.device).manual_seed(0)
+        logits, rec = model(normalize(images), generator)  # (B, K, outputs)
+        target = self.targets(images, rec.positions)  # (B, K[, 16])
+        return logits.reshape(-1, self.num_colours), target.flatten()
 
     def _present_kinds(self, images: Tensor) -> list[tuple[str, int]]:
         """(name, code) of the corruption kinds each image has at least one patch of. Decided from

@@ -5,7 +5,8 @@ Layout of one checkpoint, `<run>/checkpoints/step-00001000/`:
     train_state.pt      optimizer state, step, samples, data position: tensors and plain
                         Python values only, so `torch.load(..., weights_only=True)` reads it
     meta.json           architecture, patch size, image size, grid, stage, step, config
-`<run>/checkpoints/latest` is a symlink to the newest complete checkpoint.
+`<run>/checkpoints/latest` is a symlink to the newest complete checkpoint, `best` (runs that
+evaluate) to the one with the best validation top-1; pruning keeps both.
 
 Atomicity: a checkpoint is written into a temporary directory that is renamed into place
 only once every file is on disk, then `latest` is swapped by renaming a new symlink over it.
@@ -34,8 +35,10 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
+    best: bool = False,
 ) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it and keep the newest `keep_last`."""
+    """Write checkpoint `step` atomically, point `latest` (and `best` if `best`) at it and keep the
+    newest `keep_last` besides the one `best` points at."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
@@ -58,11 +61,12 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(ckpt_dir)
-    link = ckpt_dir / f"{TMP}latest-{os.getpid()}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(final.name)
-    os.replace(link, ckpt_dir / "latest")
-    _fsync(ckpt_dir)  # the new `latest` is durable before pruning deletes anything
+    for name in ("latest", "best") if best else ("latest",):
+        link = ckpt_dir / f"{TMP}{name}-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(final.name)
+        os.replace(link, ckpt_dir / name)
+    _fsync(ckpt_dir)  # the new links are durable before pruning deletes anything
     _prune(ckpt_dir, keep_last)
     return final
 
@@ -86,6 +90,14 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
         return complete[-1] if complete else None
 
 
+def find_best(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint `best` points at, or None."""
+    try:
+        return resolve(Path(ckpt_dir) / "best")
+    except FileNotFoundError:
+        return None
+
+
 def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return load_file(resolve(ckpt) / WEIGHTS)
 
@@ -104,9 +116,9 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def _prune(ckpt_dir: Path, keep_last: int) -> None:
-    latest = (ckpt_dir / "latest").resolve()
+    linked = {(ckpt_dir / name).resolve() for name in ("latest", "best")}
     for old in _checkpoints(ckpt_dir)[:-keep_last]:
-        if old.resolve() != latest:
+        if old.resolve() not in linked:
             shutil.rmtree(old, ignore_errors=True)
     for leftover in ckpt_dir.glob(f"{TMP}*"):  # from a save that crashed before its rename
         if leftover.name.endswith(f"-{os.getpid()}"):

@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/imagenette-64/train"  # shard dir (with index.json), path/brace pattern or pipe: URL
+    shards: str = "data/imagenette-112/train"  # shard dir (with index.json), path/brace pattern or pipe: URL
     batch_size: int = 64  # per process, per micro-step
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -71,10 +71,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adam | adamw
+    name: str = "adamw"  # adam | adamw | sgd
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam(w) only
+    momentum: float = 0.9  # sgd only
+    layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE); 1.0 = off
     weight_decay: float = 0.05
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | linear | constant, after warmup
@@ -82,11 +84,13 @@ class OptimConfig:
     accum_steps: int = 1  # micro-batches per optimizer step
 
     def validate(self, key: str) -> None:
-        check(self.name in ("adam", "adamw"), f"{key}.name", f"{self.name!r} is not one of adam, adamw")
+        check(self.name in ("adam", "adamw", "sgd"), f"{key}.name", f"{self.name!r} is not one of adam, adamw, sgd")
         check(self.lr > 0, f"{key}.lr", "must be positive")
         check(0 <= self.min_lr <= self.lr, f"{key}.min_lr", "must be in [0, lr]")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
               "must be two numbers in [0, 1)")
+        check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
+        check(0 < self.layer_decay <= 1, f"{key}.layer_decay", "must be in (0, 1] (1 disables)")
         check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
         check(self.schedule in ("cosine", "linear", "constant"), f"{key}.schedule",
@@ -108,6 +112,7 @@ class RunConfig:
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir, if any) | never | <checkpoint dir>
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model
+    eval_every: int = 0  # evaluate on eval.shards every N steps (and always at the end); 0: at the end only
 
     def validate(self, key: str) -> None:
         check(self.steps > 0, f"{key}.steps", "must be positive")
@@ -116,7 +121,20 @@ class RunConfig:
         for name in ("log_every", "ckpt_every", "keep_last", "max_nonfinite"):
             check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
         check(self.image_every >= 0, f"{key}.image_every", "must be >= 0 (0 disables)")
+        check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0 (0: only at the end)")
         check(bool(self.resume), f"{key}.resume", "must be auto, never or a checkpoint directory")
+
+
+@dataclass
+class EvalConfig:
+    shards: str | None = None  # validation shard dir (with index.json); None: no evaluation
+    batch_size: int = 128  # per process
+    num_workers: int = 2
+
+    def validate(self, key: str) -> None:
+        check(self.shards is None or bool(self.shards), f"{key}.shards", "is empty (use null for no evaluation)")
+        check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
+        check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

@@ -1,16 +1,8 @@
 """The one training engine. A stage is a task object plus a config; the engine knows neither MPP
-nor classification, only this protocol:
+nor classification, only the `Task` interface below.
 
-    task.name                     "pretrain" | "finetune", recorded in checkpoints
-    task.labeled                  whether samples must carry a class label
-    task.transform                PIL image -> uint8 (3, H, W) tensor, run in data workers
-    task.build_model()            the whole trainable nn.Module
-    task.loss(model, batch)       (scalar loss, {name: detached 0-d tensor}); batch["image"] is uint8
-    task.encoder(model)           the ViT inside an unwrapped model
-    task.visualize(model, batch)  a (3, H, W) image in [0, 1] for TensorBoard
-
-Host syncs happen on logging and checkpoint steps only: metrics accumulate as device tensors,
-and a non-finite step is skipped on the device by the fused optimizer.
+Host syncs happen on logging, evaluation, image and checkpoint steps only: metrics accumulate as
+device tensors, and a non-finite step is skipped on the device by the fused optimizer.
 """
 
 from __future__ import annotations
@@ -19,9 +11,10 @@ import argparse
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -31,7 +24,9 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from vitcore import checkpoint
 from vitcore.config import ConfigError, load_config, save_config, to_dict
 from vitcore.data import ShardStream
+from vitcore.data.sources import check_same_classes
 from vitcore.data.stream import derive_seed
+from vitcore.evaluation import coverage_problem, evaluate
 from vitcore.monitor import Monitor
 from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
 from vitcore.vit import ViT, flops_per_image
@@ -45,15 +40,56 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
 
-class Task(Protocol):
+class Task:
+    """What a stage is to the engine. A subclass sets `name` ("pretrain" | "finetune", recorded in
+    checkpoints), `labeled` (samples must carry a class label), `transform` and `eval_transform`
+    (PIL image -> uint8 (3, H, W), run in data workers) and implements the methods that raise."""
+
     name: str
     labeled: bool
     transform: Callable[[Any], torch.Tensor]
+    eval_transform: Callable[[Any], torch.Tensor]
+    bar_keys: tuple[str, ...] = ("loss", "img_s")  # training scalars shown in the progress bar
+    # (column, summary key, format) for `python -m vitcore.report`; keys of summary["final"] or
+    # "eval.<key>" for the final evaluation
+    report_columns: tuple[tuple[str, str, str], ...] = (("loss", "loss", "{:.3f}"),)
+    class_names: list[str] | None = None  # set: evaluation also draws a confusion matrix
 
-    def build_model(self) -> nn.Module: ...
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
-    def encoder(self, model: nn.Module) -> ViT: ...
-    def visualize(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor: ...
+    def build_model(self) -> nn.Module:
+        """The whole trainable module."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss, {name: detached 0-d tensor}); batch["image"] is uint8 (B, 3, H, W)."""
+        raise NotImplementedError
+
+    def encoder(self, model: nn.Module) -> ViT:
+        """The ViT inside an unwrapped model."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation: (logits (M, C), targets (M,)) of an unwrapped model in eval() mode, without
+        touching the global RNG."""
+        raise NotImplementedError
+
+    def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The weights to evaluate, by metric prefix: "" for the trained ones (an EMA adds "ema_")."""
+        return {"": model}
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after optimizer step `step` (0-based) with the unwrapped model (an EMA update, say)."""
+
+    def train_flops(self, model: nn.Module, image_size: tuple[int, int]) -> int:
+        """Training FLOPs per sample: forward + backward (2x forward) through the encoder."""
+        return 3 * flops_per_image(self.encoder(model).cfg, image_size)
+
+    def meta(self) -> dict[str, Any]:
+        """Task-specific checkpoint metadata (classes, pooling, where it was initialised from)."""
+        return {}
+
+    def visualize(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
+        """A (3, H, W) image in [0, 1] for TensorBoard every run.image_every steps, or None."""
+        return None
 
 
 class TrainingError(RuntimeError):
@@ -69,10 +105,13 @@ def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None 
     args = parser.parse_args(argv)
     try:
         cfg = load_config(schema, args.config, args.overrides)
+        task = make_task(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     try:
-        return Trainer(cfg, make_task(cfg)).fit()
+        return Trainer(cfg, task).fit()
+    except ConfigError as e:  # found while building the model (init_from's architecture), before any step
+        raise SystemExit(f"config error: {e}") from None
     except (TrainingError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -81,6 +120,43 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
     """The RNG seed of `rank` from optimizer step `step` on: a resumed run draws what an
     uninterrupted one would, without storing every rank's RNG state."""
     return derive_seed(seed, rank, step, "train")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint's training state."""
+
+    step: int = 0
+    samples: int = 0
+    nonfinite_steps: int = 0
+    best_top1: float = -1.0  # of the trained weights at an evaluation; -1: none yet
+    best_step: int = 0
+
+
+class Window:
+    """Training metrics of one logging window, accumulated on the device (no host sync)."""
+
+    def __init__(self, device: torch.device, nonfinite: int = 0) -> None:
+        self.zero = torch.zeros((), device=device)
+        self.nonfinite = self.zero + nonfinite  # run total, never reset
+        self.streak = self.zero.clone()  # non-finite steps in a row, carried across windows
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.max_streak, self.grad_norm = self.zero.clone(), self.zero.clone()
+        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def add(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, self.zero) + v.float() * weight
+
+    def step_done(self, grad_norm: torch.Tensor, found_inf: torch.Tensor, counts_streak: bool) -> None:
+        self.streak = (self.streak + 1) * found_inf * counts_streak
+        self.max_streak = torch.maximum(self.max_streak, self.streak)
+        self.nonfinite = self.nonfinite + found_inf
+        self.grad_norm += torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0)
+        self.steps += 1
 
 
 class Trainer:
@@ -99,126 +175,204 @@ class Trainer:
         if launcher not in ("no", cfg.run.mixed_precision):  # "no" is also accelerate's silent default
             self.accelerator.print(f"warning: the launcher asked for {launcher} precision; run.mixed_precision="
                                    f"{cfg.run.mixed_precision} decides (set run.mixed_precision={launcher} for it)")
-        d = cfg.data
-        try:  # bad shards stop the run here, before any work, with one line
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        d, e = cfg.data, cfg.eval
+        # Bad shards stop the run here, before any work, with one line naming the key.
+        with _data_errors("data.shards"):
             self.stream = ShardStream(
-                d.shards, task.transform, d.batch_size, rank=self.accelerator.process_index,
-                world_size=self.accelerator.num_processes, num_workers=d.num_workers, seed=cfg.run.seed,
-                epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
+                d.shards, task.transform, d.batch_size, rank=rank, world_size=world, num_workers=d.num_workers,
+                seed=cfg.run.seed, epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
             )
-        except FileNotFoundError as e:
-            raise TrainingError(f"data.shards: {e} (write shards with `python -m vitcore.data.shards`, "
-                                "or `make demo` for the default Imagenette ones)") from None
-        except ValueError as e:
-            raise TrainingError(f"data.shards: {e}") from None
+        self.eval_stream: ShardStream | None = None
+        self.fixed_batch: dict[str, Any] | None = None  # validation images drawn at every evaluation
+        if e.shards is not None:
+            with _data_errors("eval.shards"):
+                self.eval_stream = ShardStream(
+                    e.shards, task.eval_transform, e.batch_size, rank=rank, world_size=world,
+                    num_workers=e.num_workers, seed=cfg.run.seed, labeled=task.labeled, shuffle_buffer=0,
+                    drop_last=False, resampled=False,
+                )
+                if task.labeled:
+                    check_same_classes(self.stream.classes, self.eval_stream.classes, d.shards, e.shards)
+                if self.accelerator.is_main_process:
+                    first = ShardStream(e.shards, task.eval_transform, 8, num_workers=0, labeled=task.labeled,
+                                        shuffle_buffer=0, drop_last=False, resampled=False)
+                    self.fixed_batch = self._to_device(next(iter(first)))
+
+    # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        cfg, acc, task = self.cfg, self.accelerator, self.task
-        total, accum = cfg.run.steps, cfg.optim.accum_steps
+        cfg, accel, task = self.cfg, self.accelerator, self.task
+        total = cfg.run.steps
+        model, optimizer, progress = self._restore()
+        self.model = model  # kept for callers that inspect the trained model
+        monitor = Monitor(self.out_dir, total, progress.step, enabled=accel.is_main_process, bar_keys=task.bar_keys)
+        for line in getattr(task, "log_lines", []):
+            monitor.message(line)
+        if progress.step:
+            monitor.message(f"resumed from {self._resumed_from} at step {progress.step}")
+        torch.manual_seed(rank_seed(cfg.run.seed, accel.process_index, progress.step))
+        per_step = cfg.data.batch_size * cfg.optim.accum_steps * accel.num_processes
+        flops = task.train_flops(accel.unwrap_model(model), (cfg.model.image_size,) * 2)
+        window = Window(accel.device, progress.nonfinite_steps)
+        batches = self._batches()
+        start_step, start_time = progress.step, time.perf_counter()
+        evaluation: dict[str, Any] = {}
+
+        model.train()
+        while progress.step < total:
+            lr, batch = self._train_step(model, optimizer, batches, window, progress.step)
+            progress.step, progress.samples = progress.step + 1, progress.samples + per_step
+            monitor.step()
+            step, last = progress.step, progress.step == total
+            if step % cfg.run.log_every == 0 or last:
+                self._log(monitor, window, progress, lr, flops)
+            if cfg.run.image_every and step % cfg.run.image_every == 0 and accel.is_main_process:
+                self._draw(monitor, model, self.fixed_batch or batch, step)
+            is_best = False
+            if self.eval_stream is not None and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or last):
+                evaluation = self._evaluate(monitor, model, progress)
+                is_best = evaluation["top1"] > progress.best_top1
+                if is_best:
+                    progress.best_top1, progress.best_step = evaluation["top1"], step
+            if step % cfg.run.ckpt_every == 0 or last or is_best:
+                progress.nonfinite_steps = int(window.nonfinite.item())
+                self._save(model, optimizer, progress, best=is_best)
+                torch.manual_seed(rank_seed(cfg.run.seed, accel.process_index, step))
+
+        throughput = (progress.step - start_step) * per_step / max(time.perf_counter() - start_time, 1e-9)
+        summary = {"stage": task.name, "steps": progress.step, "samples": progress.samples,
+                   "img_s": round(throughput, 2), "processes": accel.num_processes,
+                   "nonfinite_steps": int(window.nonfinite.item()), "skipped_samples": self.stream.skipped,
+                   "checkpoint": str(checkpoint.find_latest(self.ckpt_dir)), "columns": task.report_columns}
+        if evaluation:
+            summary["eval"] = {k: evaluation[k] for k in ("top1", "top5", "count", "loss", "skipped")}
+            summary.update({f"eval_{p.rstrip('_')}": {"top1": evaluation[f"{p}top1"], "top5": evaluation[f"{p}top5"]}
+                            for p in self._eval_prefixes() if p})
+            best = checkpoint.find_best(self.ckpt_dir)
+            summary["best"] = {"step": progress.best_step, "top1": progress.best_top1,
+                               "checkpoint": str(best) if best else None}
+        return monitor.close(summary)
+
+    def _train_step(self, model: nn.Module, optimizer: Any, batches: Iterator[dict[str, Any]], window: Window,
+                    step: int) -> tuple[float, dict[str, Any]]:
+        """One optimizer step over `optim.accum_steps` micro-batches; returns its lr and last batch."""
+        cfg, accel = self.cfg, self.accelerator
+        accum = cfg.optim.accum_steps
+        set_lr(optimizer, lr := lr_at(step, cfg.optim, cfg.run.steps))
+        for micro in range(accum):
+            t = time.perf_counter()
+            batch = next(batches)
+            window.wait += time.perf_counter() - t
+            # gradients are all-reduced only on the last micro-batch of the accumulation;
+            # prepare() already runs the model's forward under the mixed-precision autocast
+            with accel.no_sync(model) if micro < accum - 1 else nullcontext():
+                loss, metrics = self.task.loss(model, batch)
+                accel.backward(loss / accum)
+            window.add({"loss": loss.detach(), **metrics}, 1 / accum)
+        grad_norm = accel.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        found_inf = (~torch.isfinite(grad_norm)).float()  # identical on all ranks: grads are reduced
+        if accel.scaler is None:  # fp16's GradScaler skips non-finite steps itself
+            skip_if_nonfinite(optimizer.optimizer, found_inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.task.after_step(accel.unwrap_model(model), step)
+        # fp16's scaler overflows and skips by design while it finds its scale: not a divergence
+        window.step_done(grad_norm, found_inf, counts_streak=accel.scaler is None)
+        return lr, batch
+
+    def _log(self, monitor: Monitor, window: Window, progress: Progress, lr: float, flops: int) -> None:
+        """One logging step: the window's means over all ranks, in one host sync."""
+        cfg, accel = self.cfg, self.accelerator
+        elapsed = time.perf_counter() - window.start
+        names = sorted(window.sums)
+        means = accel.reduce(torch.stack([window.sums[k] for k in names]) / window.steps, "mean")
+        extra = torch.stack([window.grad_norm / window.steps, window.nonfinite, window.max_streak])
+        *values, gnorm, n_nonfinite, worst_streak = torch.cat([means, extra]).tolist()  # the sync
+        img_s = cfg.data.batch_size * cfg.optim.accum_steps * window.steps / elapsed
+        scalars = dict(zip(names, values), lr=lr, grad_norm=gnorm, img_s=img_s * accel.num_processes,
+                       img_s_per_rank=img_s, data_wait=window.wait / elapsed, nonfinite_steps=n_nonfinite,
+                       skipped_samples=float(self.stream.skipped), tflops_per_rank=img_s * flops / 1e12)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in _device_name(accel.device)), None)
+        if peak and cfg.run.mixed_precision != "no":
+            scalars["mfu"] = img_s * flops / peak
+        monitor.log(progress.step, progress.samples, scalars)
+        if worst_streak >= cfg.run.max_nonfinite:
+            raise TrainingError(
+                f"{int(worst_streak)} non-finite losses in a row by step {progress.step} (run.max_nonfinite="
+                f"{cfg.run.max_nonfinite}); try a lower optim.lr or mixed_precision=no. "
+                f"The last checkpoint is intact: {checkpoint.find_latest(self.ckpt_dir)}"
+            )
+        window.reset()
+
+    def _eval_prefixes(self) -> list[str]:
+        return list(self.task.eval_models(self.accelerator.unwrap_model(self.model)))
+
+    def _evaluate(self, monitor: Monitor, model: nn.Module, progress: Progress) -> dict[str, Any]:
+        """Evaluate every weight set the task names (trained, EMA) on the validation shards."""
+        accel, task = self.accelerator, self.task
+        assert self.eval_stream is not None
+        unwrapped = accel.unwrap_model(model)
+        unwrapped.eval()  # the unwrapped module: a DDP forward on ranks with fewer batches would hang
+        scalars: dict[str, float] = {}
+        first: dict[str, Any] = {}
+        for prefix, weights in task.eval_models(unwrapped).items():
+            result = evaluate(accel, lambda batch, m=weights: task.predict(m, batch), self.eval_stream,
+                              len(task.class_names) if task.class_names else None, desc=f"eval {prefix.rstrip('_') or 'model'}")
+            first = first or result
+            scalars.update({f"{prefix}{k}": result[k] for k in ("top1", "top5", "loss")})
+            if "confusion" in result and not prefix:
+                monitor.confusion(progress.step, result["confusion"])
+        unwrapped.train()
+        problem = coverage_problem(first)
+        if problem:
+            monitor.message(problem)
+        monitor.log_eval(progress.step, progress.samples, {**scalars, "count": float(first["count"])})
+        return {**first, **scalars}
+
+    def _draw(self, monitor: Monitor, model: nn.Module, batch: dict[str, Any], step: int) -> None:
+        # the unwrapped module: only the main process draws, and a DDP forward on one rank alone
+        # could wait on collectives forever
+        image = self.task.visualize(self.accelerator.unwrap_model(model), batch)
+        if image is not None:
+            monitor.image(step, f"{self.task.name}/examples", image)
+
+    # -- state: restore and save ------------------------------------------------------------------
+
+    def _restore(self) -> tuple[nn.Module, Any, Progress]:
+        """Build model and optimizer; load the checkpoint to resume from, if any."""
+        cfg, accel = self.cfg, self.accelerator
         set_seed(cfg.run.seed)  # identical initialisation on every rank
-        model = task.build_model()
+        model = self.task.build_model()
         optimizer = build_optimizer(model, cfg.optim)
-        resume_from = self._resume_point()
+        resume_from = self._resumed_from = self._resume_point()
         self._check_not_behind(resume_from)
-        step, samples = 0, 0
+        progress = Progress()
         if resume_from is not None:
             model.load_state_dict(checkpoint.load_weights(resume_from))
-        model, optimizer = acc.prepare(model, optimizer)
-        self.model = model  # kept for callers that inspect the trained model
+        model, optimizer = accel.prepare(model, optimizer)
         if resume_from is not None:
             state = checkpoint.load_train_state(resume_from)
             optimizer.optimizer.load_state_dict(state["optimizer"])
             ranks = state["data"]  # one stream position per rank: sample offsets and skip counts differ
-            self.stream.load_state_dict(ranks[acc.process_index] if acc.process_index < len(ranks) else ranks[0])
-            step, samples = state["step"], state["samples"]
-            if acc.scaler is not None and "scaler" in state:  # fp16: resume with the loss scale reached
-                acc.scaler.load_state_dict(state["scaler"])
-        if acc.is_main_process:
+            self.stream.load_state_dict(ranks[accel.process_index] if accel.process_index < len(ranks) else ranks[0])
+            progress = Progress(**{k: state[k] for k in Progress.__dataclass_fields__ if k in state})
+            if accel.scaler is not None and "scaler" in state:  # fp16: resume with the loss scale reached
+                accel.scaler.load_state_dict(state["scaler"])
+        if accel.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        monitor = Monitor(self.out_dir, total, step, enabled=acc.is_main_process)
-        if resume_from is not None:
-            monitor.message(f"resumed from {resume_from} at step {step}")
-        torch.manual_seed(rank_seed(cfg.run.seed, acc.process_index, step))
-
-        encoder = task.encoder(acc.unwrap_model(model))
-        flops_per_sample = 3 * flops_per_image(encoder.cfg, (cfg.model.image_size,) * 2)  # fwd + bwd
-        per_step = cfg.data.batch_size * accum * acc.num_processes
-        batches = self._batches()
-        zero = torch.zeros((), device=acc.device)
-        sums: dict[str, torch.Tensor] = {}
-        streak, max_streak, grad_norm_sum = zero.clone(), zero.clone(), zero.clone()
-        nonfinite = zero + (state["nonfinite_steps"] if resume_from is not None else 0)
-        window_start, wait, window_steps = time.perf_counter(), 0.0, 0
-        start_step, start_time = step, time.perf_counter()
-
-        model.train()
-        while step < total:
-            set_lr(optimizer, lr := lr_at(step, cfg.optim, total))
-            for micro in range(accum):
-                t = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - t
-                # gradients are all-reduced only on the last micro-batch of the accumulation;
-                # prepare() already runs the model's forward under the mixed-precision autocast
-                with acc.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss, metrics = task.loss(model, batch)
-                    acc.backward(loss / accum)
-                for k, v in {"loss": loss.detach(), **metrics}.items():
-                    sums[k] = sums.get(k, zero) + v.float() / accum
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            found_inf = (~torch.isfinite(grad_norm)).float()  # identical on all ranks: grads are reduced
-            if acc.scaler is None:  # fp16's GradScaler skips non-finite steps itself
-                skip_if_nonfinite(optimizer.optimizer, found_inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # fp16's scaler overflows and skips by design while it finds its scale: not a divergence
-            streak = (streak + 1) * found_inf * (acc.scaler is None)
-            max_streak, nonfinite = torch.maximum(max_streak, streak), nonfinite + found_inf
-            grad_norm_sum += torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0)
-            step, samples, window_steps = step + 1, samples + per_step, window_steps + 1
-            monitor.step()
-
-            if step % cfg.run.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - window_start
-                names = sorted(sums)
-                means = acc.reduce(torch.stack([sums[k] for k in names]) / window_steps, "mean")
-                extra = torch.stack([grad_norm_sum / window_steps, nonfinite, max_streak])
-                *values, gnorm, n_nonfinite, worst_streak = torch.cat([means, extra]).tolist()  # the sync
-                img_s = cfg.data.batch_size * accum * window_steps / elapsed
-                scalars = dict(zip(names, values), lr=lr, grad_norm=gnorm, img_s=img_s * acc.num_processes,
-                               img_s_per_rank=img_s, data_wait=wait / elapsed, nonfinite_steps=n_nonfinite,
-                               skipped_samples=float(self.stream.skipped), tflops_per_rank=img_s * flops_per_sample / 1e12)
-                peak = next((v for k, v in PEAK_FLOPS.items() if k in _device_name(acc.device)), None)
-                if peak and cfg.run.mixed_precision != "no":
-                    scalars["mfu"] = img_s * flops_per_sample / peak
-                monitor.log(step, samples, scalars)
-                if worst_streak >= cfg.run.max_nonfinite:
-                    raise TrainingError(
-                        f"{int(worst_streak)} non-finite losses in a row by step {step} (run.max_nonfinite="
-                        f"{cfg.run.max_nonfinite}); try a lower optim.lr or mixed_precision=no. "
-                        f"The last checkpoint is intact: {checkpoint.find_latest(self.ckpt_dir)}"
-                    )
-                sums, max_streak, grad_norm_sum = {}, zero.clone(), zero.clone()
-                window_start, wait, window_steps = time.perf_counter(), 0.0, 0
-            if cfg.run.image_every and step % cfg.run.image_every == 0 and acc.is_main_process:
-                monitor.image(step, f"{task.name}/examples", task.visualize(acc.unwrap_model(model), batch))
-            if step % cfg.run.ckpt_every == 0 or step == total:
-                self._save(model, optimizer, step, samples, int(nonfinite.item()))
-                torch.manual_seed(rank_seed(cfg.run.seed, acc.process_index, step))
-
-        throughput = (step - start_step) * per_step / (time.perf_counter() - start_time)
-        return monitor.close({"stage": task.name, "steps": step, "samples": samples,
-                              "img_s": round(throughput, 2), "processes": acc.num_processes,
-                              "nonfinite_steps": int(nonfinite.item()), "skipped_samples": self.stream.skipped,
-                              "checkpoint": str(checkpoint.find_latest(self.ckpt_dir))})
+        return model, optimizer, progress
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches on the device, epoch after epoch."""
-        device = self.accelerator.device
         while True:
             for batch in self.stream:
-                yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                yield self._to_device(batch)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        device = self.accelerator.device
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _resume_point(self) -> Path | None:
         resume = self.cfg.run.resume
@@ -242,12 +396,12 @@ class Trainer:
                 f"{where} would overwrite them. Use a new run.out_dir (run.resume=<checkpoint> works there too)"
             )
 
-    def _save(self, model: nn.Module, optimizer: Any, step: int, samples: int, nonfinite: int) -> None:
-        acc = self.accelerator
-        weights = acc.get_state_dict(model)  # a collective under sharding: every rank calls it
+    def _save(self, model: nn.Module, optimizer: Any, progress: Progress, best: bool) -> None:
+        accel = self.accelerator
+        weights = accel.get_state_dict(model)  # a collective under sharding: every rank calls it
         data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
-        if acc.is_main_process:
-            unwrapped = acc.unwrap_model(model)
+        if accel.is_main_process:
+            unwrapped = accel.unwrap_model(model)
             encoder = self.task.encoder(unwrapped)
             prefix = next(name for name, m in unwrapped.named_modules() if m is encoder)
             c = encoder.cfg
@@ -256,15 +410,35 @@ class Trainer:
                 "arch": {"variant": self.cfg.model.variant, "dim": c.dim, "depth": c.depth, "heads": c.heads,
                          "mlp_ratio": c.mlp_ratio, "patch_size": c.patch_size,
                          "image_size": list(c.image_size), "grid": list(c.grid)},
-                "encoder_prefix": f"{prefix}." if prefix else "", "samples": samples,
-                "config": to_dict(self.cfg),
+                "encoder_prefix": f"{prefix}." if prefix else "", "samples": progress.samples,
+                **self.task.meta(), "config": to_dict(self.cfg),
             }
-            state = {"optimizer": optimizer.optimizer.state_dict(), "step": step, "samples": samples,
-                     "data": data, "nonfinite_steps": nonfinite}
-            if acc.scaler is not None:
-                state["scaler"] = acc.scaler.state_dict()
-            checkpoint.save_checkpoint(self.ckpt_dir, step, weights, state, meta, self.cfg.run.keep_last)
-        acc.wait_for_everyone()
+            state = {"optimizer": optimizer.optimizer.state_dict(), "data": data,
+                     **{k: getattr(progress, k) for k in Progress.__dataclass_fields__}}
+            if accel.scaler is not None:
+                state["scaler"] = accel.scaler.state_dict()
+            checkpoint.save_checkpoint(self.ckpt_dir, progress.step, weights, state, meta, self.cfg.run.keep_last,
+                                       best=best)
+        accel.wait_for_everyone()
+
+
+class _data_errors:
+    """Turn a stream's FileNotFoundError / ValueError into one TrainingError line naming `key`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        if isinstance(error, FileNotFoundError):
+            hint = (" (write shards with `python -m vitcore.data.shards`, or `make demo` for the default Imagenette "
+                    "ones)")
+            raise TrainingError(f"{self.key}: {error}{hint}") from None
+        if isinstance(error, ValueError):
+            raise TrainingError(f"{self.key}: {error}") from None
+        return False
 
 
 def _device_name(device: torch.device) -> str:

@@ -15,13 +15,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-# Shown in the progress bar when present; everything goes to TensorBoard and metrics.jsonl.
-BAR_KEYS = ("loss", "acc", "baseline_acc", "img_s")
-
 
 class Monitor:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool) -> None:
+    """`bar_keys`: the training scalars shown in the progress bar (the task chooses them); every
+    scalar goes to TensorBoard and metrics.jsonl."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool,
+                 bar_keys: tuple[str, ...] = ("loss", "img_s")) -> None:
         self.enabled = enabled
+        self.bar_keys = bar_keys
         self.out_dir = out_dir
         self.start_time = time.perf_counter()
         self.last: dict[str, Any] = {}
@@ -49,7 +51,26 @@ class Monitor:
             self.writer.add_scalar(name, value, step)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(self.last) + "\n")
-        self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in BAR_KEYS if k in scalars}, refresh=False)
+        self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in self.bar_keys if k in scalars}, refresh=False)
+
+    def log_eval(self, step: int, samples: int, scalars: dict[str, float]) -> None:
+        """An evaluation: TensorBoard under `val/`, a metrics.jsonl row with `val/` keys, one line."""
+        scalars = {f"val/{k}": v for k, v in scalars.items()}
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps({"step": step, "samples": samples, **scalars}) + "\n")
+        shown = ", ".join(f"{k[4:]} {v:.2%}" for k, v in scalars.items() if k.endswith(("top1", "top5")))
+        tqdm.write(f"step {step}: {shown} ({int(scalars.get('val/count', 0))} images)")
+
+    def confusion(self, step: int, matrix: torch.Tensor) -> None:
+        """A (C, C) confusion matrix of counts (rows: true class) as a TensorBoard image."""
+        if self.enabled:
+            from vitcore.attention import confusion_image
+
+            self.image(step, "val/confusion", confusion_image(matrix))
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """A (3, H, W) float image in [0, 1]."""

@@ -1,7 +1,11 @@
-"""A results table for finished runs: `python -m vitcore.report RUN_DIR [RUN_DIR ...]`.
+"""A results table for finished runs:
+
+    python -m vitcore.report [NAME=]RUN_DIR [[NAME=]RUN_DIR ...] [--out PREFIX]
 
 Reads each run's summary.json and metrics.jsonl (nothing is recomputed), so the numbers printed
-are the ones the run logged.
+are the ones the run logged. `--out` also writes the table to PREFIX.md and the numbers to
+PREFIX.json as {NAME: {"top1": ..., "top5": ..., ...}} (fractions), with "gain_top1" when runs
+are named `pretrained` and `scratch`.
 """
 
 from __future__ import annotations
@@ -13,25 +17,37 @@ from typing import Any
 
 from vitcore.monitor import read_metrics
 
-# (column, metrics key, format); a column is shown when some run logged its key.
-COLUMNS = [
-    ("loss", "loss", "{:.3f}"),
-    ("MPP acc", "acc", "{:.1%}"),
-    ("most-frequent-colour acc", "baseline_acc", "{:.1%}"),
-]
+# (column, key, format): the task of each run lists its own in summary.json's "columns"; a key is
+# one of the final training metrics, or "eval.<name>" / "eval_ema.<name>" for the final evaluation.
+# A column is shown when some run has a value for it.
+DEFAULT_COLUMNS = [("loss", "loss", "{:.3f}")]
 
 
-def read_run(run: Path) -> dict[str, Any]:
+def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
     summary_path = run / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run}: no summary.json (the run has not finished)")
     summary = json.loads(summary_path.read_text())
     rows = read_metrics(run / "metrics.jsonl")
-    return {"run": str(run), "summary": summary, "first": rows[0] if rows else {}, "last": summary.get("final") or {}}
+    train = [row for row in rows if "loss" in row]  # evaluation rows carry val/ keys only
+    last = dict(summary.get("final") or {})
+    for section in ("eval", "eval_ema"):
+        last.update({f"{section}.{k}": v for k, v in (summary.get(section) or {}).items()})
+    return {"run": name or str(run), "summary": summary, "first": train[0] if train else {}, "last": last}
+
+
+def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The union of the runs' columns, in order of first appearance, that some run has a value for."""
+    cols: list[tuple[str, str, str]] = []
+    for r in runs:
+        for col in r["summary"].get("columns") or DEFAULT_COLUMNS:
+            if tuple(col) not in cols:
+                cols.append(tuple(col))  # type: ignore[arg-type]
+    return [c for c in cols if any(c[1] in r["last"] for r in runs)]
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if any(c[1] in r["last"] for r in runs)]
+    cols = columns(runs)
     header = ["run", "stage", "steps", "images", "wall", "img/s"] + [c[0] for c in cols]
     lines = []
     for r in runs:
@@ -55,17 +71,45 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join([fmt_row(header), sep, *map(fmt_row, lines)])
 
 
+def numbers(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table's numbers as plain JSON: per run its stage, steps, wall time, throughput, final
+    evaluation (top1, top5, count as fractions/counts) and the columns' values."""
+    out: dict[str, Any] = {}
+    for r in runs:
+        s = r["summary"]
+        entry = {k: s.get(k) for k in ("stage", "steps", "samples", "wall_time_s", "img_s")}
+        entry.update({k: v for k, v in (s.get("eval") or {}).items() if k in ("top1", "top5", "count")})
+        entry.update({key: r["last"][key] for _, key, _ in columns(runs) if key in r["last"]})
+        if s.get("eval_ema"):
+            entry["ema"] = s["eval_ema"]
+        out[r["run"]] = entry
+    if "top1" in out.get("pretrained", {}) and "top1" in out.get("scratch", {}):
+        out["gain_top1"] = out["pretrained"]["top1"] - out["scratch"]["top1"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print a results table for finished runs.")
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR")
+    parser.add_argument("--out", type=Path, help="also write the table to OUT.md and the numbers to OUT.json")
     args = parser.parse_args(argv)
+    named = [item.split("=", 1) if "=" in item else [None, item] for item in args.runs]
     try:
-        runs = [read_run(r) for r in args.runs]
+        runs = [read_run(Path(path), name) for name, path in named]
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    print(table(runs))
-    print("\nMetrics are means over each run's last logging window; (from ...) is the first window's.")
-    print(f"TensorBoard: tensorboard --logdir {Path(args.runs[0]).parent}")
+    text = table(runs)
+    notes = ["Training metrics are means over each run's last logging window; (from ...) is the first window's.",
+             "val columns: the final weights on the whole validation set."]
+    gain = numbers(runs).get("gain_top1")
+    if gain is not None:
+        notes.append(f"Pretrained vs scratch: {gain * 100:+.1f} points of val top-1.")
+    print(text + "\n\n" + "\n".join(notes))
+    print(f"TensorBoard: tensorboard --logdir {Path(named[0][1]).parent}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text + "\n\n" + "\n".join(notes) + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(numbers(runs), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ class ViTConfig:
     patch_size: int
     image_size: tuple[int, int] = (224, 224)  # the grid the position embeddings are stored for
     mlp_ratio: int = 4
-    num_classes: int = 0  # 0: no classification head (pretraining); >0: a linear head on [CLS]
+    num_classes: int = 0  # 0: no classification head (pretraining); >0: a zero-initialised linear head
+    pool: str = "cls"  # what the head reads: "cls" (the paper) or "avg" (mean of the final patch tokens)
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth rate of the last block, linearly 0 -> rate over depth
@@ -68,6 +69,7 @@ class ViTConfig:
 class ViTOutput:
     cls: torch.Tensor  # (B, D) final-norm [CLS] representation
     patches: torch.Tensor  # (B, N, D) final-norm patch tokens, row-major over the grid
+    pooled: torch.Tensor  # (B, D) what the head reads: `cls`, or the mean of `patches`
     logits: torch.Tensor | None = None  # (B, num_classes) when the model has a head
     attentions: list[torch.Tensor] = field(default_factory=list)  # per block (B, heads, 1+N, 1+N)
 
@@ -207,11 +209,28 @@ class ViT(nn.Module):
             if attn is not None:
                 attentions.append(attn)
         x = self.norm(x)
-        logits = self.head(x[:, 0]) if isinstance(self.head, nn.Linear) else None
-        return ViTOutput(cls=x[:, 0], patches=x[:, 1:], logits=logits, attentions=attentions)
+        pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)  # (B, D)
+        logits = self.head(pooled) if isinstance(self.head, nn.Linear) else None
+        return ViTOutput(cls=x[:, 0], patches=x[:, 1:], pooled=pooled, logits=logits, attentions=attentions)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False) -> ViTOutput:
         return self.forward_tokens(*self.embed_patches(images), return_attention=return_attention)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters never weight-decayed besides biases and norms (read by `vitcore.optim`)."""
+        return {"pos_embed", "cls_token"}
+
+    def num_layers(self) -> int:
+        """Layers for layer-wise lr decay: the embeddings, each block, then norm and head."""
+        return self.cfg.depth + 2
+
+    def layer_id(self, name: str) -> int:
+        """Layer of parameter `name`: 0 for the embeddings, i + 1 for blocks.i, depth + 1 for norm/head."""
+        if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.cfg.depth + 1
 
 
 def num_params(cfg: ViTConfig) -> int:

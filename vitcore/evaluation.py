@@ -1,0 +1,75 @@
+"""The one evaluation loop, shared by every stage and by `python -m finetune.evaluate`.
+
+It walks an exactly-once `ShardStream` (no resampling, no shuffle, no dropped last batch): each
+rank reads its own share of the validation samples (see `vitcore.data.stream` for how the work
+is divided, within shards when there are fewer shards than ranks). Per rank it keeps additive
+sums on the device (top-1 and top-5 hits, loss sum, predictions, images, and a confusion matrix
+when asked), then does ONE all-reduce after the loop: ranks may hold different batch counts, so
+a per-batch collective could hang.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vitcore.data import ShardStream
+
+# (logits (M, C), targets (M,)) for one batch: M is the batch size for classification, the number
+# of corrupted patches for MPP.
+Predict = Callable[[dict[str, Any]], tuple[Tensor, Tensor]]
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, num_classes: int | None = None,
+             desc: str = "eval") -> dict[str, Any]:
+    """Top-1/top-5 accuracy and mean loss over one pass of `stream`, summed over all ranks.
+
+    Returns {"top1", "top5" (fractions), "loss", "count" (images), "skipped", "predictions",
+    "expected"} and, with `num_classes`, "confusion": a (C, C) tensor of counts (rows: true class).
+    The caller runs `predict` on the unwrapped model in eval() under the run's precision.
+    """
+    device = accelerator.device
+    dtype = torch.float64 if device.type != "mps" else torch.float32
+    sums = torch.zeros(3, device=device, dtype=dtype)  # top-1 hits, top-5 hits, loss sum
+    predictions, images = 0, 0  # known from shapes: counted on the host, no sync
+    confusion = torch.zeros((num_classes or 0) ** 2, device=device, dtype=dtype)  # (C*C,) flattened
+    skipped_before = stream.skipped
+    batches = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
+                   disable=not accelerator.is_main_process)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with accelerator.autocast():
+            logits, targets = predict(batch)  # (M, C), (M,)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (M, 5)
+        hits = top5 == targets[:, None]  # (M, 5)
+        sums += torch.stack([hits[:, 0].sum().to(dtype), hits.any(-1).sum().to(dtype),
+                             F.cross_entropy(logits, targets, reduction="sum").to(dtype)])  # (3,)
+        predictions, images = predictions + targets.numel(), images + batch["image"].shape[0]
+        if num_classes:
+            confusion.index_add_(0, targets * num_classes + top5[:, 0], torch.ones_like(targets, dtype=dtype))
+    counts = torch.tensor([predictions, images, stream.skipped - skipped_before], dtype=dtype).to(device)
+    total = accelerator.reduce(torch.cat([sums, counts, confusion]), "sum").cpu()  # the one collective
+    hit1, hit5, loss, predictions, images, n_skipped = total[:6].tolist()
+    result: dict[str, Any] = {
+        "top1": hit1 / max(predictions, 1), "top5": hit5 / max(predictions, 1), "loss": loss / max(predictions, 1),
+        "count": int(images), "skipped": int(n_skipped), "predictions": int(predictions),
+        "expected": stream.epoch_samples,
+    }
+    if num_classes:
+        result["confusion"] = total[6:].view(num_classes, num_classes)
+    return result
+
+
+def coverage_problem(result: dict[str, Any]) -> str | None:
+    """A line saying that evaluation did not see every validation sample exactly once, or None."""
+    if result["count"] + result["skipped"] == result["expected"]:
+        return None
+    return (f"warning: evaluation counted {result['count']} images + {result['skipped']} skipped, but the index "
+            f"lists {result['expected']}: some validation samples were missed or seen twice")
