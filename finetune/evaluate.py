@@ -1,0 +1,85 @@
+"""Evaluate a fine-tuned checkpoint on labelled shards, at any resolution divisible by the patch size.
+
+    python -m finetune.evaluate --checkpoint runs/finetune/checkpoints/best --data data/imagenette-112/val \
+        [--image-size 128] [--ema]
+
+Runs the engine's one evaluation loop (also under `accelerate launch`, every rank reading its own
+share of the shards) and prints the result as JSON on its last line:
+{"top1": ..., "top5": ..., "count": N} (fractions), the object `summary.json` holds as "eval".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from vitcore import checkpoint
+from vitcore.data import ShardStream
+from vitcore.data.sources import check_same_classes
+from vitcore.data.transforms import eval_transform, normalize
+from vitcore.evaluation import coverage_problem, evaluate
+from vitcore.pos_embed import grid_size, resample_pos_embed
+from vitcore.vit import ViT, ViTConfig
+
+
+def load_classifier(path: str | Path, image_size: tuple[int, int] | None = None,
+                    ema: bool = False) -> tuple[ViT, dict[str, Any]]:
+    """The classifier ViT of a fine-tuning checkpoint (its EMA weights with `ema`), built at
+    `image_size` (default: the fine-tuning resolution), position embeddings resampled once."""
+    meta = checkpoint.load_meta(path)
+    if meta.get("stage") != "finetune":
+        raise ValueError(f"--checkpoint: {path} is a {meta.get('stage')} checkpoint, not a fine-tuned classifier")
+    if ema and not meta.get("ema"):
+        raise ValueError(f"--ema: {path} was trained without an EMA (finetune.ema_decay=0)")
+    arch = meta["arch"]
+    size = image_size or tuple(arch["image_size"])
+    try:
+        grid_size(size, arch["patch_size"])
+    except ValueError as e:
+        raise ValueError(f"--image-size: {e}") from None
+    vit = ViT(ViTConfig.from_variant(arch["variant"], image_size=size, num_classes=meta["num_classes"],
+                                     pool=meta["pooling"]))
+    prefix = "ema." if ema else meta["encoder_prefix"]
+    weights = {k[len(prefix):]: v for k, v in checkpoint.load_weights(path).items() if k.startswith(prefix)}
+    weights["pos_embed"] = resample_pos_embed(weights["pos_embed"], tuple(arch["grid"]), vit.grid)
+    vit.load_state_dict(weights)  # strict: every key, every shape
+    return vit.eval(), meta
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a fine-tuning checkpoint dir, `latest`, `best` or run dir")
+    parser.add_argument("--data", required=True, help="labelled shard dir (with index.json)")
+    parser.add_argument("--image-size", type=int, nargs="+", metavar="S",
+                        help="one size (square) or height width; default: the fine-tuning resolution")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    size = None if args.image_size is None else tuple(args.image_size * 2 if len(args.image_size) == 1
+                                                      else args.image_size[:2])
+    accelerator = Accelerator()
+    try:
+        vit, meta = load_classifier(args.checkpoint, size, args.ema)
+        stream = ShardStream(args.data, eval_transform(tuple(vit.cfg.image_size)), args.batch_size,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             num_workers=args.num_workers, shuffle_buffer=0, drop_last=False, resampled=False)
+        check_same_classes(meta["classes"], stream.classes, "the checkpoint", args.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    vit.to(accelerator.device)
+    result = evaluate(accelerator, lambda batch: (vit(normalize(batch["image"])).logits, batch["label"]), stream)
+    problem = coverage_problem(result)
+    if problem:
+        accelerator.print(problem)
+    out = {"top1": result["top1"], "top5": result["top5"], "count": result["count"]}
+    accelerator.print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
