@@ -27,8 +27,28 @@ def colour_classes(rgb: torch.Tensor, bits: int) -> torch.Tensor:
     A channel's level is min(floor(v * L), L - 1): L equal bins, with v = 1 in the top one.
     """
     levels = 2**bits
-    q = (rgb * levels).floor().long().clamp_(0, levels - 1)  # (..., 3)
-    return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]  # (...)
+    return _classes((rgb * levels).floor().long().clamp_(0, levels - 1), levels)  # (...)
+
+
+def sum_classes(sums: torch.Tensor, count: int, bits: int) -> torch.Tensor:
+    """(..., 3) int64 channel sums of `count` uint8 pixels -> (...) int64 classes, as
+    `colour_classes` of their mean / 255, but exact: the level floor(L * sum / (255 * count)) is
+    computed in integers, so a mean exactly on a bin edge (k/L) is always in the upper bin."""
+    levels = 2**bits
+    return _classes((sums * levels // (255 * count)).clamp_(0, levels - 1), levels)  # (...)
+
+
+def _classes(q: torch.Tensor, levels: int) -> torch.Tensor:
+    """(..., 3) int64 per-channel levels -> (...) int64 classes r*L*L + g*L + b."""
+    return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+
+
+def _block_sums(images: torch.Tensor, block: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> int64 (B, 3, H // block, W // block): each block's pixel sum per channel."""
+    B, C, H, W = images.shape
+    h, w = H // block, W // block
+    blocks = images[:, :, : h * block, : w * block].reshape(B, C, h, block, w, block)
+    return blocks.sum(dim=(3, 5), dtype=torch.int64)  # (B, 3, h, w)
 
 
 def class_colours(classes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -51,19 +71,20 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int]) -> torc
 
 def make_targets(images: torch.Tensor, target: str, patch: int, bits: int) -> torch.Tensor:
     """uint8 (B, 3, H, W) images -> targets: `mean_color` (B, N) int64, `downsampled` (B, N, 16)
-    int64 (sub-patches row-major within the patch), `pixels` (B, N, 3*p*p) float in [0, 1]."""
-    pixels = images.float() / 255  # (B, 3, H, W) in [0, 1]
-    B, _, H, W = pixels.shape
+    int64 (sub-patches row-major within the patch), `pixels` (B, N, 3*p*p) float in [0, 1].
+    Colour classes come from integer pixel sums (`sum_classes`), exact at the bin edges."""
+    B, _, H, W = images.shape
     gh, gw = H // patch, W // patch
     if target == "mean_color":
-        mean = F.avg_pool2d(pixels, patch)  # (B, 3, gh, gw)
-        return colour_classes(mean.flatten(2).transpose(1, 2), bits)  # (B, N)
+        sums = _block_sums(images, patch)  # (B, 3, gh, gw)
+        return sum_classes(sums.flatten(2).transpose(1, 2), patch * patch, bits)  # (B, N)
     if target == "downsampled":
-        small = F.avg_pool2d(pixels, patch // SUB)  # (B, 3, gh*4, gw*4): each patch as 4x4
-        small = small.reshape(B, 3, gh, SUB, gw, SUB).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, 4, 4, 3)
-        return colour_classes(small.reshape(B, gh * gw, SUB * SUB, 3), bits)  # (B, N, 16)
+        s = patch // SUB
+        sums = _block_sums(images, s)  # (B, 3, gh*4, gw*4): each patch as 4x4
+        sums = sums.reshape(B, 3, gh, SUB, gw, SUB).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, 4, 4, 3)
+        return sum_classes(sums.reshape(B, gh * gw, SUB * SUB, 3), s * s, bits)  # (B, N, 16)
     if target == "pixels":
-        return patchify(pixels, patch)  # (B, N, 3*p*p)
+        return patchify(images.float() / 255, patch)  # (B, N, 3*p*p) in [0, 1]
     raise ValueError(f"unknown MPP target {target!r}; expected one of {', '.join(TARGETS)}")
 
 

@@ -1,7 +1,16 @@
-import pytest
+import re
+import typing
+from pathlib import Path
 
+import pytest
+import yaml
+
+from finetune.config import DEMO_PRETRAINED, FinetuneConfig
 from pretrain.config import PretrainConfig
 from vitcore.config import ConfigError, load_config, save_config, to_dict
+from vitcore.engine import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -68,9 +77,130 @@ def test_yaml_then_overrides_then_round_trip(tmp_path):
 
 
 def test_shipped_recipes_load():
-    from pathlib import Path
-
     recipes = sorted(Path(__file__).parents[1].glob("configs/pretrain/*.yaml"))
     assert recipes, "no pretraining recipes in configs/pretrain"
     for path in recipes:
         load_config(PretrainConfig, path)
+
+
+# ---- words YAML 1.1 would turn into booleans, through the whole command line --------------------
+
+class _Loaded(Exception):
+    """Raised by the task factory: the CLI parsed and validated the config, no training starts."""
+
+
+def _cli(schema, argv):
+    """The config a stage's entry point (`run.py [--config PATH] [key=value ...]`) would train with."""
+    def capture(cfg):
+        raise _Loaded(cfg)
+
+    with pytest.raises(_Loaded) as loaded:
+        main(schema, capture, list(argv))
+    return loaded.value.args[0]
+
+
+def _fake_checkpoints(root, *paths):
+    """Empty stand-ins where `init_from` looks, so that finetune configs pass validation."""
+    for path in (DEMO_PRETRAINED, *paths):
+        (root / path).mkdir(parents=True, exist_ok=True)
+        for name in ("meta.json", "model.safetensors"):
+            (root / path / name).touch()
+
+
+@pytest.mark.parametrize("argv,key,expected", [
+    (["run.mixed_precision=no"], "run.mixed_precision", "no"),
+    (["run.mixed_precision=bf16"], "run.mixed_precision", "bf16"),
+    (["run.mixed_precision=fp16"], "run.mixed_precision", "fp16"),
+    (["run.resume=never"], "run.resume", "never"),
+    (["run.resume=auto"], "run.resume", "auto"),
+    (["run.resume=off"], "run.resume", "off"),  # a checkpoint dir may be called anything
+    (["run.out_dir=1e3"], "run.out_dir", "1e3"),  # not "1000.0"
+    (["eval.shards=null"], "eval.shards", None),
+    (["run.compile=false"], "run.compile", False),
+    (["run.compile=true"], "run.compile", True),
+    (["run.compile=yes"], "run.compile", True),  # bool fields still take OmegaConf's words
+    (["optim.lr=3e-4"], "optim.lr", 3e-4),
+    (["optim.betas=[0.8,0.99]"], "optim.betas", [0.8, 0.99]),
+])
+def test_cli_values_reach_the_config_as_typed(argv, key, expected):
+    section, name = key.split(".")
+    assert getattr(getattr(_cli(PretrainConfig, argv), section), name) == expected
+
+
+def test_cli_finetune_words(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fake_checkpoints(tmp_path)
+    cfg = _cli(FinetuneConfig, ["finetune.randaugment=true", "run.mixed_precision=no", "finetune.mode=linear_probe"])
+    assert (cfg.finetune.randaugment, cfg.run.mixed_precision, cfg.finetune.mode) == (True, "no", "linear_probe")
+    assert _cli(FinetuneConfig, ["init_from=null"]).init_from is None
+
+
+def test_yaml_file_words_are_yaml_1_2(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("run:\n  mixed_precision: no\n  resume: never\n  compile: true\n  out_dir: off\n"
+                    "optim:\n  lr: 1e-3\n")
+    cfg = _cli(PretrainConfig, ["--config", str(path)])
+    assert (cfg.run.mixed_precision, cfg.run.resume, cfg.run.compile, cfg.run.out_dir) == ("no", "never", True, "off")
+    assert cfg.optim.lr == 1e-3
+    saved = tmp_path / "config.yaml"  # what a run writes reads back the same
+    save_config(cfg, saved)
+    assert load_config(PretrainConfig, saved) == cfg
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml is not valid YAML \(line 3, column 3\): duplicate key 'lr'"):
+        load_config(PretrainConfig, path)
+
+
+def _documented_overrides():
+    """Every `key=value` the README and the shipped recipes show, for a key of a stage's schema."""
+    keys = {f for schema in (PretrainConfig, FinetuneConfig) for f in typing.get_type_hints(schema)}
+    pattern = re.compile(r"(?<![\w.\-/$])((?:[a-z_]+\.)*[a-z_]+)=([^\s`),;]*)")
+    texts = [ROOT / "README.md", *sorted((ROOT / "configs").rglob("*.yaml"))]
+    found = {(m[1], m[2]) for path in texts for m in pattern.finditer(path.read_text())}
+    return sorted((key, value) for key, value in found if key.split(".")[0] in keys)
+
+
+DOCUMENTED = _documented_overrides()
+
+
+def test_the_docs_show_overrides():
+    assert {("run.resume", "never"), ("init_from", "null"), ("mpp.target", "pixels")} <= set(DOCUMENTED)
+
+
+@pytest.mark.parametrize("key,text", DOCUMENTED)
+def test_every_documented_override_parses_as_written(key, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _fake_checkpoints(tmp_path, *([text] if key == "init_from" and text != "null" else []))
+    schema = FinetuneConfig if key.split(".")[0] in ("init_from", "finetune") else PretrainConfig
+    cfg, kind = _cli(schema, [f"{key}={text}"]), schema
+    for name in key.split("."):
+        cfg, kind = getattr(cfg, name), typing.get_type_hints(kind)[name]
+    if kind in (str, str | None):
+        assert cfg == (None if text == "null" else text)
+    else:
+        assert cfg == {bool: lambda t: t == "true"}.get(kind, kind)(text)
+
+
+README_COMMANDS = [line.split("#")[0].split() for line in (ROOT / "README.md").read_text().splitlines()
+                   if re.match(r"\s+accelerate launch .*(pretrain|finetune)/run\.py", line)]
+
+
+@pytest.mark.parametrize("command", README_COMMANDS, ids=" ".join)
+def test_every_readme_launch_line_loads(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    script = next(i for i, word in enumerate(command) if word.endswith("/run.py"))
+    argv = [str(ROOT / w) if w.startswith("configs/") else w for w in command[script + 1:]]
+    _fake_checkpoints(tmp_path, *[w.split("=", 1)[1] for w in argv if w.startswith("init_from=runs/")])
+    _cli(FinetuneConfig if command[script].startswith("finetune") else PretrainConfig, argv)
+
+
+def test_shipped_finetune_recipes_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipes = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
+    assert recipes, "no fine-tuning recipes in configs/finetune"
+    for path in recipes:
+        _fake_checkpoints(tmp_path, yaml.safe_load(path.read_text())["init_from"])
+        load_config(FinetuneConfig, path)

@@ -531,6 +531,43 @@ def test_shards_are_drawn_in_proportion_to_their_size() -> None:
     assert 0.47 < sum(next(uniform) == "small" for _ in range(20000)) / 20000 < 0.53  # no index: uniform
 
 
+
+def test_shuffle_buffer_is_a_seeded_permutation() -> None:
+    from vitcore.data.stream import _shuffled
+
+    def shuffled(n: int, bufsize: int, seed: int) -> list[int]:
+        return list(_shuffled(iter(range(n)), bufsize, random.Random(seed)))
+
+    for n, bufsize in [(0, 10), (7, 3), (500, 100), (1000, 1000)]:
+        out = shuffled(n, bufsize, seed=1)
+        assert sorted(out) == list(range(n))  # every sample once
+        assert out == shuffled(n, bufsize, seed=1)  # the same for a seed
+    assert shuffled(500, 100, seed=1) != shuffled(500, 100, seed=2)
+    assert shuffled(50, 1, seed=1) == list(range(50))  # a buffer of one keeps the order
+
+
+def test_only_public_webdataset_names_are_used() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    for path in root.glob("vitcore/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("webdataset"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private {private} from {node.module}"
+
+
+def test_a_corrupt_index_names_the_file_and_says_it_is_not_json(tmp_path: Path) -> None:
+    (tmp_path / "index.json").write_text("{'shards': []}")
+    with pytest.raises(ValueError, match=r"^\S+/index.json is not valid JSON \(Expecting property name"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"index.json is not valid JSON"):
+        ShardStream(str(tmp_path), pretrain_transform(8), 2)
+    (tmp_path / "index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"index.json is not a shard index"):
+        read_index(tmp_path / "index.json")
+
 def test_in_process_stream_leaves_the_global_rng_alone(shard_dir: Path) -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)

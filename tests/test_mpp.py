@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import tarfile
 from pathlib import Path
 
@@ -137,6 +138,35 @@ def test_class_colours_invert_the_quantisation_at_bin_centres():
         assert torch.equal(colour_classes(rgb, bits), classes)
     assert class_colours(torch.tensor([0, 511]), 3).tolist() == [[1 / 16] * 3, [15 / 16] * 3]
 
+
+
+def _pixels_summing_to(total: int, n: int, rng: random.Random) -> list[int]:
+    """n uint8 values, spread out at random, whose sum is exactly `total`."""
+    values = [total // n + (i < total % n) for i in range(n)]
+    for _ in range(4 * n):  # move mass between random pairs: the sum and the range are kept
+        i, j = rng.sample(range(n), 2)
+        d = min(rng.randrange(256), 255 - values[i], values[j])
+        values[i], values[j] = values[i] + d, values[j] - d
+    rng.shuffle(values)
+    return values
+
+
+@pytest.mark.parametrize("target,patch,cell", [("mean_color", 8, 8), ("downsampled", 16, 4)])
+def test_colour_levels_are_exact_at_every_bin_edge(target, patch, cell):
+    """A channel whose mean is exactly k/8 of 255 is in bin k (bin 7 for k = 8), one unit of sum
+    less in bin k-1, however its pixels are spread; float32 pooling of x/255 got ~1 in 4 wrong."""
+    rng, n = random.Random(0), cell * cell
+    cells = (patch // cell) ** 2  # 1 for mean_color, 16 sub-patches for downsampled
+    for k in range(9):
+        edge = 255 * k * n // 8
+        assert edge * 8 == 255 * k * n  # exactly on the edge
+        for total, level in [(edge, min(k, 7)), (edge - 1, k - 1)][: 1 + (k > 0)]:
+            for _ in range(3):
+                blocks = torch.tensor([[_pixels_summing_to(total, n, rng) for _ in range(cells)] for _ in range(3)])
+                side = patch // cell  # (3, cells, n) -> (1, 3, patch, patch), cell by cell row-major
+                image = blocks.reshape(3, side, side, cell, cell).permute(0, 1, 3, 2, 4).reshape(1, 3, patch, patch)
+                t = make_targets(image.to(torch.uint8), target, patch, 3)
+                assert (t == level * 73).all(), (k, total, t.flatten().tolist())  # 73 = 64 + 8 + 1
 
 # ---- model, loss, metrics ---------------------------------------------------------------------
 

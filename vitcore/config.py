@@ -4,11 +4,19 @@ Each stage defines one schema built from the shared pieces below; `load_config` 
 schema's defaults (the stage's embedded recipe), an optional YAML file and the command-line
 overrides, type-checks them with OmegaConf and runs every `validate()` so that a bad config
 stops with one line naming the key before any work starts.
+
+Values are read as YAML 1.2 (core schema), not YAML 1.1 as PyYAML and OmegaConf read them: only
+`true`/`false` are booleans, so `mixed_precision: no` is the string "no", not False. On the
+command line, a key whose schema type is `str` takes its text as written (`null` aside), so
+that no YAML rule (booleans, numbers, dates) can change the word a user typed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vitcore.atomic import atomic_write_text
 from vitcore.vit import parse_variant
 
 T = TypeVar("T")
@@ -149,10 +158,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
                 if isinstance(cfg.get(key), DictConfig) and not isinstance(value, DictConfig):
                     raise ConfigError(f"{key}: must be a section of keys, got {value!r}")
             cfg = OmegaConf.merge(cfg, recipe)
-        for item in overrides:
-            if "=" not in item or item.startswith("="):
-                raise ConfigError(f"{item}: overrides are written key=value, e.g. optim.lr=3e-4")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, _parse_overrides(schema, overrides))
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
@@ -163,14 +169,78 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
 def _load_yaml(path: str | Path) -> DictConfig:
     """A recipe file as a mapping; YAML syntax errors and non-mapping files are one ConfigError line."""
     try:
-        loaded = OmegaConf.load(path)
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.load(f, Loader=_Yaml12Loader)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(loaded, DictConfig):
+    if not isinstance(loaded, dict | None):
         raise ConfigError(f"--config: {path} must hold a mapping of sections (model:, data:, ...), not a list")
-    return loaded
+    return OmegaConf.create(loaded or {})
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema's plain scalars: null, true/false, ints
+    (decimal, 0o, 0x) and floats (1e-3 too); everything else, yes/no/on/off included, is a string.
+    A key given twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r}",
+                                                        key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        return int(text, 0) if text[:2] in ("0o", "0x") else int(text)  # int("0755") is 755, as in 1.2
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (  # the YAML 1.2 spec, section 10.3.2; ints before floats
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
+    ("float", r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+     list("-+.0123456789")),
+):
+    _Yaml12Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), _first)
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _Yaml12Loader.construct_yaml_int)
+
+
+def _parse_overrides(schema: type, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """`key=value` arguments as a config to merge. Values are YAML 1.2, except for keys whose
+    schema type is str: those take the text as typed (`run.resume=never`, `run.out_dir=1e3`), or
+    None for `null`, or what a quoted YAML string says."""
+    parsed = OmegaConf.create()
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"{item}: overrides are written key=value, e.g. optim.lr=3e-4")
+        if _is_str_field(schema, key) and text[:1] not in ("'", '"'):
+            value = None if text in ("null", "Null", "NULL", "~") else text
+        else:
+            try:
+                value = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a safe loader)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: {text!r} is not a valid YAML value") from None
+        OmegaConf.update(parsed, key, value)
+    return parsed
+
+
+def _is_str_field(schema: type, key: str) -> bool:
+    """Whether the dotted `key` names a field of the dataclass `schema` typed str or str | None."""
+    kind: Any = schema
+    for name in key.split("."):
+        if not dataclasses.is_dataclass(kind):
+            return False
+        kind = typing.get_type_hints(kind).get(name)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return set(typing.get_args(kind)) <= {str, type(None)}
+    return kind is str
 
 
 def _validate_tree(cfg: Any) -> None:
@@ -196,4 +266,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -7,13 +7,14 @@ unconditionally. Values arrive as Python floats: the engine syncs once per loggi
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from vitcore.atomic import atomic_write_text
 
 
 class Monitor:
@@ -87,7 +88,7 @@ class Monitor:
         if self.enabled:
             self.bar.close()
             self.writer.close()
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def _truncate_after(self, step: int) -> None:
@@ -96,9 +97,8 @@ class Monitor:
         if not self.metrics_path.exists():
             return
         kept = [row for row in read_metrics(self.metrics_path) if row["step"] <= step]
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.metrics_path)  # a crash here leaves the old file or the new one
+        # A crash here leaves the old file or the new one.
+        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -9,6 +9,9 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
+from vitcore.atomic import commit
+
+
 def is_url(spec: str) -> bool:
     return urlparse(spec).scheme in ("http", "https")
 
@@ -35,7 +38,7 @@ def fetch(url: str, dest_dir: str | Path, progress: bool = True) -> Path:
             # A server that closes early looks like the end of the file to urllib: check the length.
             if total is not None and out.tell() != total:
                 raise OSError(f"connection closed after {out.tell()} of {total} bytes")
-        os.replace(partial, dest)
+        commit(partial, dest)
     except OSError as e:
         raise OSError(f"could not download {url}: {e}") from None
     finally:

@@ -13,7 +13,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import random
 import tarfile
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from vitcore.atomic import atomic_write_text, commit
 from vitcore.data.sources import Record, open_source
 from vitcore.data.stream import INDEX_NAME
 from vitcore.data.tar import TAR_BLOCK
@@ -63,9 +63,7 @@ def shuffled_order(n: int, seed: int | None, limit: int | None) -> list[int]:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 class _ShardSink:
@@ -102,7 +100,7 @@ class _ShardSink:
         if self._tar is not None:
             self._tar.close()
             name = self.shards[-1]["name"]
-            os.replace(self.out_dir / f"{name}.tmp", self.out_dir / name)
+            commit(self.out_dir / f"{name}.tmp", self.out_dir / name)  # on disk before the index lists it
             self._tar = None
 
     def close(self) -> list[dict[str, Any]]:
@@ -196,7 +194,7 @@ def _sample_files(record: Record, resize: int | None, quality: int) -> dict[str,
 
 def _write_skipped(path: Path, skipped: list[str]) -> None:
     if skipped:
-        path.write_text("\n".join(skipped) + "\n")
+        atomic_write_text(path, "\n".join(skipped) + "\n")
         log.warning("skipped %d unreadable images, listed in %s", len(skipped), path)
     else:
         path.unlink(missing_ok=True)

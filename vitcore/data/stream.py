@@ -7,7 +7,9 @@ Each (rank, worker) pair runs its own deterministic stream, seeded by (seed, epo
 
 Epoch length comes from index.json: every rank gets total // (world_size * batch_size) batches,
 spread over its workers (the first ones take one more when it does not divide). Corrupt samples
-and broken shards are skipped and counted, never fatal.
+and broken shards are skipped and counted; only data broken throughout stops the stream with an
+error (FAILED_SAMPLES_IN_A_ROW failed samples in a row, or BARREN_SHARDS_PER_URL x len(urls)
+shards in a row that give no sample).
 
 Resume is exact: augmentation is seeded per sample by its stream position, each worker reports
 how many raw samples it has consumed, and a resumed worker drops exactly those before decoding.
@@ -53,7 +55,6 @@ import torch
 from braceexpand import braceexpand
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 from webdataset.gopen import gopen
 
 from vitcore.data.tar import iter_tar_samples
@@ -81,7 +82,13 @@ def read_index(shard_dir_or_index_path: str | Path) -> dict[str, Any]:
         path = path / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"shard index not found: {path}")
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}); write the shards again with "
+                         "`python -m vitcore.data.shards`") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} is not a shard index (a JSON object)")
     missing = {"shards", "total", "classes"} - index.keys()
     if missing:
         raise ValueError(f"{path} is not a shard index (missing {sorted(missing)})")
@@ -231,6 +238,29 @@ def _read_shards(ranges: Iterable[tuple[str, int, int | None]], stats: _WorkerSt
             raise RuntimeError(f"{barren} shards in a row gave no sample (last: {url})")
 
 
+def _shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random, initial: int = 100) -> Iterator[Any]:
+    """The samples in a seeded random order, through a buffer of `bufsize`: the first is yielded
+    once min(initial, bufsize) are buffered. The same draws as webdataset's `shuffle` stage (1.0.2),
+    so a stream resumes exactly across the switch to this copy."""
+    samples, initial, buf = iter(samples), min(initial, bufsize), []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            buf.extend(islice(samples, 1))  # fill twice as fast as we drain
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list[Any], rng: random.Random) -> Any:
+    """Remove and return a random element of `buf` (the last one takes its place)."""
+    k = rng.randint(0, len(buf) - 1)
+    sample, buf[k] = buf[k], buf[-1]
+    buf.pop()
+    return sample
+
+
 def _drop_consumed(samples: Iterator[dict[str, Any]], count: int, stats: _WorkerStats) -> Iterator[dict[str, Any]]:
     """Drop the samples a resumed run already consumed, without decoding them."""
     deque(islice(samples, count), maxlen=0)
@@ -283,7 +313,7 @@ class _EpochStream(IterableDataset):
             ranges = ((url, 0, None) for url in draws)
         samples = _read_shards(ranges, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
         if self.shuffle_buffer > 1:
-            samples = _shuffle(samples, self.shuffle_buffer, rng=random.Random(derive_seed(plan.seed, "samples")))
+            samples = _shuffled(samples, self.shuffle_buffer, random.Random(derive_seed(plan.seed, "samples")))
         samples = _drop_consumed(samples, plan.skip, stats)
         batches = self._batches(self._decoded(samples, stats, derive_seed(plan.seed, "augment")))
         for batch in islice(batches, plan.batches):
