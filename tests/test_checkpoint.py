@@ -88,12 +88,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 WRITER = """
 import sys, torch
 from vitcore import checkpoint
-step = 0
+latest = checkpoint.find_latest(sys.argv[1])  # go on from the last trial's checkpoint, as a resumed run does
+step = first = checkpoint.load_meta(latest)["step"] if latest else 0
 while True:
     step += 1
     w = {"w": torch.full((512, 512), float(step))}  # 1 MiB: a save takes long enough to be hit
     checkpoint.save_checkpoint(sys.argv[1], step, w, {"step": step}, {"step": step}, keep_last=2)
-    if step == 1:
+    if step == first + 1:
         print("saving", flush=True)
 """
 

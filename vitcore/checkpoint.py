@@ -10,14 +10,20 @@ evaluate) to the one with the best validation top-1; pruning keeps both.
 
 Atomicity: a checkpoint is written into a temporary directory that is renamed into place
 only once every file is on disk, then `latest` is swapped by renaming a new symlink over it.
-A crash at any moment leaves `latest` pointing at a complete checkpoint.
+A crash at any moment leaves `latest` pointing at a complete checkpoint, and only finite weights
+are ever saved.
+
+One writer: a run holds `<run>/.lock` (`lock_run_dir`) for its life, so no second run resumes
+from, writes into or prunes the temporary files of a live one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,46 @@ from safetensors.torch import load_file, save_file
 
 WEIGHTS, STATE, META = "model.safetensors", "train_state.pt", "meta.json"
 PREFIX, TMP = "step-", ".tmp-"
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class NonFiniteWeights(ValueError):
+    """Weights holding a NaN or an infinity: never saved as a checkpoint."""
+
+
+def lock_run_dir(out_dir: str | Path) -> Any:
+    """Hold `<out_dir>/.lock` until the returned file is closed (`unlock_run_dir`) or this process
+    dies: the kernel drops a dead process's lock, so a killed run never blocks the next start."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "starting"
+        lock.close()
+        raise RunDirInUse(f"run.out_dir: {out_dir} is in use by another run ({holder}); use another run.out_dir")
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on host {socket.gethostname()}")
+    lock.flush()
+    return lock
+
+
+def unlock_run_dir(lock: Any) -> None:
+    # LOCK_UN first: data workers forked while it was held share the lock until they exit
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+
+
+def check_finite(weights: dict[str, torch.Tensor]) -> None:
+    """Raise NonFiniteWeights naming the first tensor that holds a NaN or an infinity."""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeights(f"{name} holds non-finite values")
 
 
 def save_checkpoint(
@@ -38,7 +84,9 @@ def save_checkpoint(
     best: bool = False,
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` (and `best` if `best`) at it and keep the
-    newest `keep_last` besides the one `best` points at."""
+    newest `keep_last` besides the one `best` points at. Non-finite weights raise NonFiniteWeights
+    before anything is written."""
+    check_finite(weights)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"

@@ -8,18 +8,22 @@ device tensors, and a non-finite step is skipped on the device by the fused opti
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
 import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
 
 from vitcore import checkpoint
 from vitcore.config import ConfigError, load_config, save_config, to_dict
@@ -54,6 +58,7 @@ class Task:
     # "eval.<key>" for the final evaluation
     report_columns: tuple[tuple[str, str, str], ...] = (("loss", "loss", "{:.3f}"),)
     class_names: list[str] | None = None  # set: evaluation also draws a confusion matrix
+    log_lines: Sequence[str] = ()  # printed when training starts (build_model may set them: what it loaded)
 
     def build_model(self) -> nn.Module:
         """The whole trainable module."""
@@ -161,6 +166,7 @@ class Window:
 
 class Trainer:
     def __init__(self, cfg: Any, task: Task) -> None:
+        _exit_with_launcher()
         self.cfg, self.task = cfg, task
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -202,12 +208,45 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """Train to run.steps, holding the run directory from before the first read to the end."""
+        lock = self._lock_run_dir()
+        try:
+            return self._finished() or self._fit()
+        finally:
+            if lock is not None:
+                checkpoint.unlock_run_dir(lock)
+
+    def _lock_run_dir(self) -> Any:
+        """One run per directory: rank 0 takes the lock, and every rank stops if it is taken."""
+        lock, problem = None, [None]
+        if self.accelerator.is_main_process:
+            try:
+                lock = checkpoint.lock_run_dir(self.out_dir)
+            except checkpoint.RunDirInUse as e:
+                problem = [str(e)]
+        broadcast_object_list(problem)
+        if problem[0]:
+            raise TrainingError(problem[0])
+        return lock
+
+    def _finished(self) -> dict[str, Any] | None:
+        """The summary of a run that already reached run.steps, left as it is; None otherwise."""
+        resume_from, path = self._resume_point(), self.out_dir / "summary.json"
+        step = checkpoint.load_meta(resume_from)["step"] if resume_from is not None else 0
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        if step < self.cfg.run.steps or summary.get("steps") != step:
+            return None
+        self.accelerator.print(f"run.out_dir: {self.out_dir} is complete at step {step} (run.steps="
+                               f"{self.cfg.run.steps}); its summary.json is kept. Raise run.steps to train on")
+        return summary
+
+    def _fit(self) -> dict[str, Any]:
         cfg, accel, task = self.cfg, self.accelerator, self.task
         total = cfg.run.steps
         model, optimizer, progress = self._restore()
         self.model = model  # kept for callers that inspect the trained model
         monitor = Monitor(self.out_dir, total, progress.step, enabled=accel.is_main_process, bar_keys=task.bar_keys)
-        for line in getattr(task, "log_lines", []):
+        for line in task.log_lines:
             monitor.message(line)
         if progress.step:
             monitor.message(f"resumed from {self._resumed_from} at step {progress.step}")
@@ -399,6 +438,11 @@ class Trainer:
     def _save(self, model: nn.Module, optimizer: Any, progress: Progress, best: bool) -> None:
         accel = self.accelerator
         weights = accel.get_state_dict(model)  # a collective under sharding: every rank calls it
+        try:  # on every rank (DDP weights are identical), so that all ranks stop together
+            checkpoint.check_finite(weights)
+        except checkpoint.NonFiniteWeights as e:
+            raise TrainingError(f"step {progress.step}: the weights were not saved: {e}. The last checkpoint "
+                                f"is intact: {checkpoint.find_latest(self.ckpt_dir)}") from None
         data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
         if accel.is_main_process:
             unwrapped = accel.unwrap_model(model)
@@ -439,6 +483,19 @@ class _data_errors:
         if isinstance(error, ValueError):
             raise TrainingError(f"{self.key}: {error}") from None
         return False
+
+
+def _exit_with_launcher() -> None:
+    """Under torch's elastic agent (`accelerate launch` with several processes) each worker has a
+    session of its own, so killing the launcher's process group misses it: ask the kernel for SIGTERM
+    when the parent, the launcher, dies (prctl rather than a thread polling getppid: nothing runs,
+    and the signal is immediate). A run started by hand is left alone, so nohup keeps working."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request: no signal would come
+        raise SystemExit("error: the launcher exited before training started")
 
 
 def _device_name(device: torch.device) -> str:
