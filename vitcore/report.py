@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vitcore.atomic import atomic_write_text
 from vitcore.monitor import read_metrics
 
 # (column, key, format): the task of each run lists its own in summary.json's "columns"; a key is
@@ -37,13 +38,16 @@ def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
 
 
 def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """The union of the runs' columns, in order of first appearance, that some run has a value for."""
-    cols: list[tuple[str, str, str]] = []
+    """The union of the runs' columns, in order of first appearance, that some run has a value for.
+    Stages that name one key differently share its column ("MPP acc / train acc")."""
+    titles: dict[str, list[str]] = {}
+    formats: dict[str, str] = {}
     for r in runs:
-        for col in r["summary"].get("columns") or DEFAULT_COLUMNS:
-            if tuple(col) not in cols:
-                cols.append(tuple(col))  # type: ignore[arg-type]
-    return [c for c in cols if any(c[1] in r["last"] for r in runs)]
+        for title, key, fmt in r["summary"].get("columns") or DEFAULT_COLUMNS:
+            if title not in titles.setdefault(key, []):
+                titles[key].append(title)
+            formats.setdefault(key, fmt)
+    return [(" / ".join(t), key, formats[key]) for key, t in titles.items() if any(key in r["last"] for r in runs)]
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -108,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"TensorBoard: tensorboard --logdir {Path(named[0][1]).parent}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text + "\n\n" + "\n".join(notes) + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(numbers(runs), indent=2) + "\n")
+        atomic_write_text(args.out.with_suffix(".md"), text + "\n\n" + "\n".join(notes) + "\n")
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(numbers(runs), indent=2) + "\n")
 
 
 if __name__ == "__main__":
