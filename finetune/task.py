@@ -87,12 +87,10 @@ class ClassifyTask(Task):
         self.transform = finetune_train_transform(size, ft.randaugment)
         self.eval_transform = eval_transform(size)
         self.log_lines: list[str] = []
-        self.mix = None
-        mixes = [m for alpha, m in ((ft.mixup_alpha, v2.MixUp), (ft.cutmix_alpha, v2.CutMix)) if alpha > 0]
-        if mixes:
-            alphas = [a for a in (ft.mixup_alpha, ft.cutmix_alpha) if a > 0]
-            made = [m(alpha=a, num_classes=len(self.class_names)) for m, a in zip(mixes, alphas)]
-            self.mix = made[0] if len(made) == 1 else v2.RandomChoice(made)
+        # MixUp and/or CutMix on the normalised batch (one of the two per batch when both are on)
+        mixes = [kind(alpha=alpha, num_classes=len(self.class_names))
+                 for alpha, kind in ((ft.mixup_alpha, v2.MixUp), (ft.cutmix_alpha, v2.CutMix)) if alpha > 0]
+        self.mix = v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
 
     def build_model(self) -> Classifier:
         m, ft = self.cfg.model, self.cfg.finetune

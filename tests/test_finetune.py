@@ -229,3 +229,16 @@ def test_a_short_fine_tune_on_real_images_beats_chance(cifar_shards, val_shards,
         **{"model.image_size": 32, "run.steps": 150, "run.eval_every": 0, "optim.lr": 1e-3, "optim.warmup_steps": 10,
            "data.batch_size": 32}))
     assert summary["eval"]["top1"] >= 0.2, summary["eval"]
+
+
+def test_the_small_data_recipe_pieces_run_together(cifar_shards, val_shards, pretrained, tmp_path):
+    """MixUp + CutMix on the batch, RandAugment in the workers, layer decay, drop path, EMA and
+    average pooling: a short run trains, evaluates both weight sets and stays finite."""
+    recipe = {"finetune.mixup_alpha": 0.8, "finetune.cutmix_alpha": 1.0, "finetune.randaugment": "true",
+              "finetune.ema_decay": 0.99, "finetune.pooling": "avg", "optim.layer_decay": 0.75, "model.drop_path": 0.1}
+    summary = main(FinetuneConfig, ClassifyTask,
+                   overrides(cifar_shards, val_shards, tmp_path / "ft", init_from=pretrained, **recipe))
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert summary["eval"]["count"] == 100 and set(summary["eval_ema"]) == {"top1", "top5"}
+    assert checkpoint.load_meta(tmp_path / "ft" / "checkpoints" / "latest")["pooling"] == "avg"
