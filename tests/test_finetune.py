@@ -242,3 +242,25 @@ def test_the_small_data_recipe_pieces_run_together(cifar_shards, val_shards, pre
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     assert summary["eval"]["count"] == 100 and set(summary["eval_ema"]) == {"top1", "top5"}
     assert checkpoint.load_meta(tmp_path / "ft" / "checkpoints" / "latest")["pooling"] == "avg"
+
+
+def test_the_demo_pipeline_end_to_end_on_real_images(cifar_shards, val_shards, tmp_path):
+    """`make demo`, shortened: MPP pretraining, fine-tuning of that encoder at a higher resolution,
+    the same fine-tuning from scratch, and the results table with its JSON and markdown."""
+    from vitcore.report import main as report
+
+    runs = tmp_path / "demo"
+    main(PretrainConfig, MPPTask, [f"data.shards={cifar_shards}", f"eval.shards={val_shards}", "model.variant=Pico/8",
+                                   "model.image_size=32", "data.batch_size=16", "data.num_workers=0", "run.steps=4",
+                                   "optim.warmup_steps=1", f"run.out_dir={runs / 'pretrain'}"])
+    for name, init in (("pretrained", runs / "pretrain"), ("scratch", "null")):
+        main(FinetuneConfig, ClassifyTask, overrides(cifar_shards, val_shards, runs / name, init_from=init))
+    report([f"pretrain={runs / 'pretrain'}", f"pretrained={runs / 'pretrained'}", f"scratch={runs / 'scratch'}",
+            "--out", str(runs / "results")])
+    results = json.loads((runs / "results.json").read_text())
+    for name in ("pretrained", "scratch"):
+        assert 0 <= results[name]["top1"] <= results[name]["top5"] <= 1 and results[name]["count"] == 100
+    assert results["gain_top1"] == results["pretrained"]["top1"] - results["scratch"]["top1"]
+    assert results["pretrain"]["stage"] == "pretrain" and "baseline_acc" in results["pretrain"]
+    table = (runs / "results.md").read_text()
+    assert "| pretrained " in table and "| scratch " in table and "most-frequent-colour acc" in table
