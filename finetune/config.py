@@ -9,11 +9,11 @@ from pathlib import Path
 
 from vitcore import checkpoint
 from vitcore.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, check
+from vitcore.pretrained import TORCH_SUFFIXES
 
 DEMO_PRETRAINED = "runs/demo/pretrain/checkpoints/latest"
 MODES = ("full", "linear_probe")
 POOLINGS = ("cls", "avg")
-STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class FinetuneConfig:
         if self.init_from is None:
             return
         path = Path(self.init_from)
-        if path.suffix in STATE_DICT_SUFFIXES and path.is_file():
+        if path.suffix in (".safetensors", *TORCH_SUFFIXES) and path.is_file():
             return
         try:
             checkpoint.resolve(path)

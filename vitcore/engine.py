@@ -30,7 +30,7 @@ from vitcore.config import ConfigError, load_config, save_config, to_dict
 from vitcore.data import ShardStream
 from vitcore.data.sources import check_same_classes
 from vitcore.data.stream import derive_seed
-from vitcore.evaluation import coverage_problem, evaluate
+from vitcore.evaluation import coverage_problem, evaluate, to_device
 from vitcore.monitor import Monitor
 from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
 from vitcore.vit import ViT, flops_per_image
@@ -410,8 +410,7 @@ class Trainer:
                 yield self._to_device(batch)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        device = self.accelerator.device
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return to_device(batch, self.accelerator.device)
 
     def _resume_point(self) -> Path | None:
         resume = self.cfg.run.resume

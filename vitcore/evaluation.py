@@ -25,6 +25,11 @@ from vitcore.data import ShardStream
 Predict = Callable[[dict[str, Any]], tuple[Tensor, Tensor]]
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch's tensors on `device` (asynchronous copies); keys and other values as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, num_classes: int | None = None,
              desc: str = "eval") -> dict[str, Any]:
@@ -43,7 +48,7 @@ def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, nu
     batches = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
                    disable=not accelerator.is_main_process)
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         with accelerator.autocast():
             logits, targets = predict(batch)  # (M, C), (M,)
         logits = logits.float()
