@@ -38,3 +38,34 @@ def cifar_shards(tmp_path_factory) -> Path:
     split = "train" if source == CIFAR_TAR else None
     write_shards(str(source), out, split=split, limit=256, samples_per_shard=64, shuffle_seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 13 images of varied sizes and modes, plus a garbage file and a truncated JPEG."""
+    from shard_helpers import write_image_folder
+
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="session")
+def shard_dir(image_folder, tmp_path_factory) -> Path:
+    """`image_folder` written by the shard writer: 39 samples in shards of 5, 24 px."""
+    from vitcore.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(str(image_folder), out, resize=24, samples_per_shard=5, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_shards(tmp_path_factory):
+    """Builds a shard folder by hand, for shards the writer would not make (corrupt ones, say):
+    `make_shards({name: [(key, {ext: bytes}), ...]}, classes, index=True)` writes the tars and
+    their index.json into a new temporary folder and returns it."""
+    from shard_helpers import build_shards
+
+    def make(shards, classes, index=True) -> Path:
+        return build_shards(tmp_path_factory.mktemp("built-shards"), shards, classes, index)
+
+    return make

@@ -3,8 +3,9 @@
 The shard writer is not imported here: it runs as `python -m vitcore.data.shards`.
 """
 
+from vitcore.data.index import read_index
 from vitcore.data.sources import Record, Source, open_source
-from vitcore.data.stream import ShardStream, read_index, resolve_shards
+from vitcore.data.stream import ShardStream, resolve_shards
 from vitcore.data.transforms import (
     MEAN,
     STD,

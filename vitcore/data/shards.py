@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import random
 import tarfile
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vitcore.atomic import atomic_write_text, commit
+from vitcore.data.index import ShardEntry, remove_index, write_index
 from vitcore.data.sources import Record, open_source
-from vitcore.data.stream import INDEX_NAME
 from vitcore.data.tar import TAR_BLOCK
 from vitcore.data.transforms import DECODE_ERRORS, decode_image
 
@@ -61,17 +59,12 @@ def shuffled_order(n: int, seed: int | None, limit: int | None) -> list[int]:
     return order[:limit] if limit is not None else order
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
 class _ShardSink:
     """Rolls samples into numbered tar shards; each is written under a temporary name, then renamed."""
 
     def __init__(self, out_dir: Path, max_samples: int | None, max_bytes: int | None) -> None:
         self.out_dir, self.max_samples, self.max_bytes = out_dir, max_samples, max_bytes
-        self.shards: list[dict[str, Any]] = []
+        self.shards: list[ShardEntry] = []
         self._tar: tarfile.TarFile | None = None
 
     def add(self, key: str, files: dict[str, bytes]) -> None:
@@ -103,7 +96,7 @@ class _ShardSink:
             commit(self.out_dir / f"{name}.tmp", self.out_dir / name)  # on disk before the index lists it
             self._tar = None
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self) -> list[ShardEntry]:
         """Finish the last shard and delete shards a previous, larger run left behind."""
         self._finish()
         written = {s["name"] for s in self.shards}
@@ -151,7 +144,7 @@ def write_shards(
         out.mkdir(parents=True, exist_ok=True)
         # Until the new index is written, no index: a crash mid-rewrite must not leave an old
         # index describing a mix of old and new shards.
-        (out / INDEX_NAME).unlink(missing_ok=True)
+        remove_index(out)
         sink = _ShardSink(out, samples_per_shard, max_bytes)
         skipped: list[str] = []
         records = tqdm(src.read(order), total=len(order), unit="img", desc=f"shards -> {out}", disable=not progress)
@@ -166,23 +159,10 @@ def write_shards(
         classes = src.classes
 
     _write_skipped(out / SKIPPED_NAME, skipped)
-    total = sum(s["samples"] for s in shards)
-    if total == 0:
+    if not any(s["samples"] for s in shards):
         raise ValueError(f"no readable images in {source}; see {out / SKIPPED_NAME}")
-    index = {
-        "shards": shards,
-        "total": total,
-        "classes": classes,
-        "source": source,
-        "split": split,
-        "resize": resize,
-        "quality": quality,
-        "seed": shuffle_seed,
-        "skipped": len(skipped),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json_atomic(out / INDEX_NAME, index)
-    return index
+    return write_index(out, shards, classes, source=source, split=split, resize=resize, quality=quality,
+                       seed=shuffle_seed, skipped=len(skipped))
 
 
 def _sample_files(record: Record, resize: int | None, quality: int) -> dict[str, bytes]:

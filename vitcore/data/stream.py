@@ -1,21 +1,34 @@
 """Streaming WebDataset shards into uint8 batches: the same number of batches on every rank.
 
-Each (rank, worker) pair runs its own deterministic stream, seeded by (seed, epoch, rank, worker):
+The plan, step by step in the order the code runs (the function doing each step in brackets):
 
-    shards (resampled with replacement, or this worker's sample ranges) -> raw samples -> shuffle buffer
-      -> [resume: drop already-consumed samples, undecoded] -> decode + augment -> batch
+1. Shards [`resolve_shards`]: a shard folder's index.json (`vitcore.data.index`) gives the shard
+   files, their sample counts and the classes; the counts give the epoch length. Local paths, brace
+   patterns and `pipe:`/http URLs are accepted too (then `epoch_samples` gives the length).
+2. Split over ranks and workers [`ShardStream._plans`]: every rank runs max(num_workers, 1)
+   streams, one per DataLoader worker (num_workers=0: one, in this process), each with its own plan:
+   a seed derived from (seed, epoch, rank, stream), what to read, and how many batches to deliver.
+   Training (`resampled=True`): each stream draws shards with replacement [`_resampled`], and every
+   rank gets total // (world_size * batch_size) batches, spread over its streams (the first ones
+   take one more when it does not divide) [`_part_size`]. Evaluation (`resampled=False`): the
+   world's streams divide the epoch into sample ranges, every sample exactly once (see below)
+   [`_exactly_once_ranges`]. The main process posts the plans on a shared board [`_PlanBoard`];
+   each stream reads its raw samples [`_read_shards`] through a seeded shuffle buffer [`_shuffled`].
+3. Skip what was consumed (resume) [`_drop_consumed`]: a resumed stream drops, undecoded, the
+   samples the interrupted run had taken; shuffle and draws are seeded, so these are the same ones.
+4. Decode [`_EpochStream._decoded`]: image and label, augmented with torch's RNG seeded by the
+   sample's position in its stream, so that a resumed run draws the same crops and flips.
+5. Batch [`_EpochStream._batched`]: batch_size samples stacked; the DataLoader takes the streams'
+   batches round-robin, each with its stream's counters, so the main process always knows how many
+   samples every stream has consumed and skipped [`ShardStream.__iter__`].
 
-Epoch length comes from index.json: every rank gets total // (world_size * batch_size) batches,
-spread over its workers (the first ones take one more when it does not divide). Corrupt samples
-and broken shards are skipped and counted; only data broken throughout stops the stream with an
-error (FAILED_SAMPLES_IN_A_ROW failed samples in a row, or BARREN_SHARDS_PER_URL x len(urls)
-shards in a row that give no sample).
+Corrupt samples and broken shards are skipped and counted; only data broken throughout stops the
+stream with an error (FAILED_SAMPLES_IN_A_ROW failed samples in a row, or BARREN_SHARDS_PER_URL x
+len(urls) shards in a row that give no sample).
 
-Resume is exact: augmentation is seeded per sample by its stream position, each worker reports
-how many raw samples it has consumed, and a resumed worker drops exactly those before decoding.
-So after `load_state_dict` the stream yields the very batches an uninterrupted run would have,
-corrupt samples included, provided rank, world_size and num_workers are unchanged. With the
-state of another rank (same topology) it is exact when no corrupt sample was met. After a
+Resume is exact: after `load_state_dict` the stream yields the very batches an uninterrupted run
+would have, corrupt samples included, provided rank, world_size and num_workers are unchanged.
+With the state of another rank (same topology) it is exact when no corrupt sample was met. After a
 topology change the rest of the epoch is a fresh resampled stream seeded by the resume position:
 statistically equivalent, never a replay of the epoch's beginning.
 
@@ -32,6 +45,10 @@ shared by consecutive streams. A stream reads only its ranges: it passes over th
 stops at `stop`. With more streams than samples, the streams past the last sample get no range:
 their ranks yield no batch, and `len()` says so. A corrupt sample counts one skip in `skipped`,
 and so does a range that breaks off or ends before `stop`.
+
+DataLoader workers persist across epochs (forked once, not every epoch). A worker's copy of the
+dataset never sees attributes the main process sets later, so each epoch's plans reach the workers
+through shared memory, the `_PlanBoard`, posted before the epoch's first request.
 """
 
 from __future__ import annotations
@@ -39,7 +56,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import heapq
-import json
 import logging
 import random
 import tarfile
@@ -57,12 +73,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
+from vitcore.data.index import index_path, is_remote, read_index
 from vitcore.data.tar import iter_tar_samples
 from vitcore.data.transforms import DECODE_ERRORS, open_image
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"  # beside the shards, written by vitcore.data.shards
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_ERRORS = (KeyError, *DECODE_ERRORS)
 SHARD_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError)
@@ -75,30 +91,6 @@ Batch = dict[str, Any]
 _Decoded = tuple[str, Tensor, int | None]  # (key, uint8 (3, H, W) image, label)
 
 
-def read_index(shard_dir_or_index_path: str | Path) -> dict[str, Any]:
-    """Load the index.json of a shard folder (or at that path) written by `write_shards`."""
-    path = Path(shard_dir_or_index_path)
-    if path.is_dir():
-        path = path / INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"shard index not found: {path}")
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-        raise ValueError(f"{path} is not valid JSON ({e}); write the shards again with "
-                         "`python -m vitcore.data.shards`") from None
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} is not a shard index (a JSON object)")
-    missing = {"shards", "total", "classes"} - index.keys()
-    if missing:
-        raise ValueError(f"{path} is not a shard index (missing {sorted(missing)})")
-    return index
-
-
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
 def resolve_shards(urls: str | list[str]) -> tuple[list[str], list[int] | None, dict[str, Any] | None]:
     """Shard URLs, their sample counts when an index knows them, and that index.
 
@@ -106,27 +98,23 @@ def resolve_shards(urls: str | list[str]) -> tuple[list[str], list[int] | None, 
     and `pipe:`/http(s) URLs, as a string or a list. Local shards must exist.
     """
     specs = [urls] if isinstance(urls, str) else list(urls)
-    if len(specs) == 1 and not _is_remote(specs[0]) and (Path(specs[0]).is_dir() or specs[0].endswith(".json")):
-        index = read_index(specs[0])
-        base = (Path(specs[0]) if Path(specs[0]).is_dir() else Path(specs[0]).parent).resolve()
-        names = [s["name"] for s in index["shards"]]
-        # An index is data, not a command: its names must be plain files beside it, never a
-        # `pipe:` or URL that gopen would run or fetch (absolute paths also keep gopen local).
-        bad = next((n for n in names if not isinstance(n, str) or Path(n).name != n or _is_remote(n)), None)
-        if bad is not None:
-            raise ValueError(f"{base / INDEX_NAME}: shard name {bad!r} is not a file name in that folder")
-        return [str(base / n) for n in names], [s["samples"] for s in index["shards"]], index
+    if len(specs) == 1 and not is_remote(specs[0]) and (Path(specs[0]).is_dir() or specs[0].endswith(".json")):
+        path = index_path(specs[0])
+        index = read_index(path)  # refuses shard names that are not plain files beside it
+        folder = path.parent.resolve()  # absolute, which also keeps gopen local
+        shards = index["shards"]
+        return [str(folder / s["name"]) for s in shards], [s["samples"] for s in shards], index
     expanded = [url for spec in specs for url in braceexpand(spec)]
     if not expanded:
         raise ValueError("no shards given")
-    local = [Path(u) for u in expanded if not _is_remote(u)]
+    local = [Path(u) for u in expanded if not is_remote(u)]
     missing = [str(p) for p in local if not p.is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
     # Local shards from one folder: take their sizes from the index beside them, if it lists them all.
     folders = {p.parent for p in local}
-    if len(local) == len(expanded) and len(folders) == 1 and (folders.pop() / INDEX_NAME).is_file():
+    if len(local) == len(expanded) and len(folders) == 1 and index_path(folders.pop()).is_file():
         index = read_index(local[0].parent)
         sizes = {s["name"]: s["samples"] for s in index["shards"]}
         if all(p.name in sizes for p in local):
@@ -140,35 +128,73 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def share(total: int, parts: int, i: int) -> int:
-    """Part i of `total` split into `parts` near-equal parts, the first ones larger.
+def _part_size(total: int, parts: int, i: int) -> int:
+    """The size of part i when `total` is split into `parts` near-equal parts, the first ones larger.
 
-    Also the number of batches worker i delivered among the first `total`, since the DataLoader
-    takes worker batches round-robin.
+    Also the number of batches stream i delivered among the first `total`, since the DataLoader
+    takes the streams' batches round-robin.
     """
     return total // parts + (i < total % parts)
 
 
 @dataclass(frozen=True)
-class _WorkerPlan:
-    """What one worker streams this epoch."""
+class _StreamPlan:
+    """What one stream (one DataLoader worker's, or the in-process one) delivers this epoch."""
 
     seed: int  # seeds shard draws, sample shuffling and per-sample augmentation
-    ranges: list[tuple[str, int, int]] | None  # this worker's (url, start, stop) in order; None = resampled
-    skip: int  # post-shuffle samples already consumed before a resume, dropped undecoded
-    batches: int | None  # batches to deliver; None = until the shards run out
+    ranges: list[tuple[int, int, int]] | None  # (shard index, start, stop) to read in order; None = resampled
+    consumed: int  # post-shuffle samples consumed before a resume: dropped undecoded
+    batches: int | None  # batches to deliver; None = until the ranges run out
 
 
 @dataclass
-class _WorkerStats:
-    """Per-worker counters, reported with every batch so the main process always has exact totals."""
+class _StreamStats:
+    """Per-stream counters, reported with every batch so the main process always has exact totals."""
 
-    worker: int
+    stream: int
     consumed: int  # post-shuffle raw samples taken, delivered or skipped
     skipped: int = 0
 
     def report(self) -> dict[str, int]:
-        return {"worker": self.worker, "consumed": self.consumed, "skipped": self.skipped}
+        return {"stream": self.stream, "consumed": self.consumed, "skipped": self.skipped}
+
+
+class _PlanBoard:
+    """The current epoch's plans in shared memory, where DataLoader workers read them.
+
+    Persistent workers are forked once, with a copy of the dataset that never sees attributes the
+    main process sets later; this tensor is shared instead of copied. The main process posts only
+    while no worker runs a stream (before a loader's first iteration, or after an iteration that ran
+    to its end), so a worker never reads a half-written board. Layout, int64: first_stream; per
+    stream: seed, consumed, batches (-1: None), range count (-1: resampled); then the ranges'
+    (shard, start, stop) triples, stream after stream.
+    """
+
+    def __init__(self, streams: int, max_ranges: int) -> None:
+        self.streams = streams
+        self.values = torch.zeros(1 + 4 * streams + 3 * max_ranges, dtype=torch.int64).share_memory_()
+
+    def post(self, first_stream: int, plans: list[_StreamPlan]) -> None:
+        header, ranges = [first_stream], []
+        for plan in plans:
+            header += [plan.seed, plan.consumed, -1 if plan.batches is None else plan.batches,
+                       -1 if plan.ranges is None else len(plan.ranges)]
+            ranges += [n for shard_range in plan.ranges or [] for n in shard_range]
+        self.values[:len(header) + len(ranges)] = torch.tensor(header + ranges, dtype=torch.int64)
+
+    def read(self, loader_worker: int) -> tuple[int, _StreamPlan]:
+        """The stream that DataLoader worker `loader_worker` (0 in process) runs, and its plan.
+
+        The DataLoader polls its workers round-robin from worker 0; an epoch resumed mid-way must
+        start with the stream whose turn is next, so loader worker i runs stream first_stream + i.
+        """
+        values = self.values.tolist()
+        stream = (values[0] + loader_worker) % self.streams
+        seed, consumed, batches, range_count = values[1 + 4 * stream:5 + 4 * stream]
+        start = 1 + 4 * self.streams + 3 * sum(max(values[4 + 4 * s], 0) for s in range(stream))
+        ranges = None if range_count < 0 else [
+            (values[k], values[k + 1], values[k + 2]) for k in range(start, start + 3 * range_count, 3)]
+        return stream, _StreamPlan(seed, ranges, consumed, None if batches < 0 else batches)
 
 
 def _resampled(urls: list[str], sizes: list[int] | None, rng: random.Random) -> Iterator[str]:
@@ -185,40 +211,40 @@ def _exactly_once_ranges(sizes: list[int], order: list[int], parts: int) -> list
     to the stream with the fewest samples so far); otherwise the shards, concatenated in `order`,
     cut into `parts` contiguous runs of near-equal length. Depends only on its arguments.
     """
-    shards = [i for i in order if sizes[i] > 0]
+    nonempty = [i for i in order if sizes[i] > 0]
     ranges: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
-    if len(shards) >= parts:
+    if len(nonempty) >= parts:
         loads = [(0, p) for p in range(parts)]  # a heap of (samples so far, stream)
-        for i in sorted(shards, key=lambda i: -sizes[i]):  # stable: ties keep the epoch's order
+        for i in sorted(nonempty, key=lambda i: -sizes[i]):  # stable: ties keep the epoch's order
             load, p = heapq.heappop(loads)
             ranges[p].append((i, 0, sizes[i]))
             heapq.heappush(loads, (load + sizes[i], p))
-        rank_in_order = {i: n for n, i in enumerate(shards)}
-        return [sorted(r, key=lambda r: rank_in_order[r[0]]) for r in ranges]
-    total = sum(sizes[i] for i in shards)
-    bounds = [p * (total // parts) + min(p, total % parts) for p in range(parts + 1)]  # share() summed
-    first = 0  # of the shard, in the concatenation
-    for i in shards:
-        last = first + sizes[i]
+        place_in_order = {i: n for n, i in enumerate(nonempty)}
+        return [sorted(r, key=lambda r: place_in_order[r[0]]) for r in ranges]
+    total = sum(sizes[i] for i in nonempty)
+    bounds = [p * (total // parts) + min(p, total % parts) for p in range(parts + 1)]  # _part_size() summed
+    shard_start = 0  # the shard's first sample, in the concatenation
+    for i in nonempty:
+        shard_end = shard_start + sizes[i]
         for p in range(parts):
-            start, stop = max(bounds[p], first), min(bounds[p + 1], last)
+            start, stop = max(bounds[p], shard_start), min(bounds[p + 1], shard_end)
             if start < stop:
-                ranges[p].append((i, start - first, stop - first))
-        first = last
+                ranges[p].append((i, start - shard_start, stop - shard_start))
+        shard_start = shard_end
     return ranges
 
 
-def _read_shards(ranges: Iterable[tuple[str, int, int | None]], stats: _WorkerStats,
+def _read_shards(ranges: Iterable[tuple[str, int, int | None]], stats: _StreamStats,
                  barren_limit: int) -> Iterator[dict[str, Any]]:
     """Raw samples start..stop-1 of each (url, start, stop) shard range in turn (stop None: to the
     end). A range that fails to open, breaks off or ends before `stop` counts one skip."""
-    barren = 0
+    barren_in_a_row = 0  # ranges that gave no sample
     for url, start, stop in ranges:
         produced = 0
         wanted = None if stop is None else stop - start
         try:
-            with gopen(url) as stream:
-                for sample in islice(iter_tar_samples(stream, skip=start), wanted):
+            with gopen(url) as tar_bytes:
+                for sample in islice(iter_tar_samples(tar_bytes, skip=start), wanted):
                     produced += 1
                     sample["__url__"] = url
                     yield sample
@@ -233,9 +259,9 @@ def _read_shards(ranges: Iterable[tuple[str, int, int | None]], stats: _WorkerSt
                 stats.skipped += 1
                 log.warning("shard %s ended after %d of its samples %d..%d that the index lists",
                             url, produced, start, stop - 1)
-        barren = 0 if produced else barren + 1
-        if barren >= barren_limit:
-            raise RuntimeError(f"{barren} shards in a row gave no sample (last: {url})")
+        barren_in_a_row = 0 if produced else barren_in_a_row + 1
+        if barren_in_a_row >= barren_limit:
+            raise RuntimeError(f"{barren_in_a_row} shards in a row gave no sample (last: {url})")
 
 
 def _shuffled(samples: Iterator[Any], bufsize: int, rng: random.Random, initial: int = 100) -> Iterator[Any]:
@@ -261,7 +287,7 @@ def _pick(buf: list[Any], rng: random.Random) -> Any:
     return sample
 
 
-def _drop_consumed(samples: Iterator[dict[str, Any]], count: int, stats: _WorkerStats) -> Iterator[dict[str, Any]]:
+def _drop_consumed(samples: Iterator[dict[str, Any]], count: int, stats: _StreamStats) -> Iterator[dict[str, Any]]:
     """Drop the samples a resumed run already consumed, without decoding them."""
     deque(islice(samples, count), maxlen=0)
     # Shard errors met while replaying were already counted in the checkpointed total.
@@ -279,22 +305,22 @@ def _collate(samples: list[_Decoded], labeled: bool) -> Batch:
 
 
 class _EpochStream(IterableDataset):
-    """One epoch of one rank; each DataLoader worker (or the main process) runs its own plan."""
+    """The streams of one rank; each iteration (one per DataLoader worker, or one in the main
+    process) runs one epoch of the stream its worker is given on the board."""
 
-    def __init__(self, plans: list[_WorkerPlan], first: int, urls: list[str], sizes: list[int] | None,
-                 transform: Callable, batch_size: int, labeled: bool, shuffle_buffer: int, drop_last: bool) -> None:
+    def __init__(self, board: _PlanBoard, urls: list[str], sizes: list[int] | None, transform: Callable,
+                 batch_size: int, labeled: bool, shuffle_buffer: int, drop_last: bool) -> None:
         super().__init__()
-        self.plans, self.first, self.urls, self.sizes, self.transform = plans, first, urls, sizes, transform
+        self.board, self.urls, self.sizes, self.transform = board, urls, sizes, transform
         self.batch_size, self.labeled = batch_size, labeled
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
 
     def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        # The DataLoader polls its workers round-robin from worker 0; a resumed epoch must start
-        # with the stream whose turn is next, so loader worker i runs stream first + i.
-        stream = (self.first + (0 if info is None else info.id)) % len(self.plans)
-        batches = self._worker_batches(stream, self.plans[stream])
-        if info is not None:
+        # A generator: the board is read at the first request of the iteration, after it was posted.
+        worker_info = get_worker_info()
+        stream, plan = self.board.read(0 if worker_info is None else worker_info.id)
+        batches = self._stream_batches(stream, plan)
+        if worker_info is not None:
             yield from batches
             return
         # In-process: per-sample seeding must not disturb the caller's RNG (dropout, masking).
@@ -305,23 +331,25 @@ class _EpochStream(IterableDataset):
                 return
             yield batch
 
-    def _worker_batches(self, worker: int, plan: _WorkerPlan) -> Iterator[Batch]:
-        stats = _WorkerStats(worker, consumed=plan.skip)
-        ranges: Iterable[tuple[str, int, int | None]] | None = plan.ranges
-        if ranges is None:
+    def _stream_batches(self, stream: int, plan: _StreamPlan) -> Iterator[Batch]:
+        stats = _StreamStats(stream, consumed=plan.consumed)
+        ranges: Iterable[tuple[str, int, int | None]]
+        if plan.ranges is None:
             draws = _resampled(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
             ranges = ((url, 0, None) for url in draws)
+        else:
+            ranges = ((self.urls[shard], start, stop) for shard, start, stop in plan.ranges)
         samples = _read_shards(ranges, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(derive_seed(plan.seed, "samples")))
-        samples = _drop_consumed(samples, plan.skip, stats)
-        batches = self._batches(self._decoded(samples, stats, derive_seed(plan.seed, "augment")))
+        samples = _drop_consumed(samples, plan.consumed, stats)
+        batches = self._batched(self._decoded(samples, stats, derive_seed(plan.seed, "augment")))
         for batch in islice(batches, plan.batches):
             yield batch | stats.report()
         yield stats.report()  # end marker: counts the skips after the last batch
 
-    def _decoded(self, samples: Iterator[dict[str, Any]], stats: _WorkerStats, seed: int) -> Iterator[_Decoded]:
-        failed = 0  # in a row
+    def _decoded(self, samples: Iterator[dict[str, Any]], stats: _StreamStats, seed: int) -> Iterator[_Decoded]:
+        failed_in_a_row = 0
         for sample in samples:
             position = stats.consumed
             stats.consumed += 1
@@ -333,16 +361,16 @@ class _EpochStream(IterableDataset):
                 torch.default_generator.manual_seed((seed + position) % (1 << 63))
                 decoded = sample["__key__"], self.transform(image), label
             except SAMPLE_ERRORS as exc:
-                stats.skipped, failed = stats.skipped + 1, failed + 1
+                stats.skipped, failed_in_a_row = stats.skipped + 1, failed_in_a_row + 1
                 log.warning("skipping sample %s from %s: %r", sample.get("__key__"), sample.get("__url__"), exc)
-                if failed >= FAILED_SAMPLES_IN_A_ROW:
-                    raise RuntimeError(f"{failed} samples in a row failed (last: {sample.get('__key__')} from "
-                                       f"{sample.get('__url__')}: {exc!r}); are these the right shards?") from None
+                if failed_in_a_row >= FAILED_SAMPLES_IN_A_ROW:
+                    raise RuntimeError(f"{failed_in_a_row} samples in a row failed (last: {sample.get('__key__')} "
+                                       f"from {sample.get('__url__')}: {exc!r}); are these the right shards?") from None
                 continue
-            failed = 0
+            failed_in_a_row = 0
             yield decoded
 
-    def _batches(self, samples: Iterator[_Decoded]) -> Iterator[Batch]:
+    def _batched(self, samples: Iterator[_Decoded]) -> Iterator[Batch]:
         while True:
             chunk = list(islice(samples, self.batch_size))
             if chunk and (len(chunk) == self.batch_size or not self.drop_last):
@@ -356,7 +384,7 @@ def _gc_frozen_for_fork() -> Iterator[None]:
     """Hide this process's objects from the garbage collector of workers forked inside the block.
 
     A worker inherits the whole heap (torch, the trainer); one full collection there walks all of
-    it and copies every page it touches: ~0.3 s per worker per epoch. The parent unfreezes at once.
+    it and copies every page it touches: ~0.3 s per worker started. The parent unfreezes at once.
     """
     if gc.get_freeze_count():  # someone froze objects on purpose: leave their choice alone
         yield
@@ -379,6 +407,9 @@ class ShardStream:
     `transform` maps a PIL image to a uint8 (3, H, W) tensor. It gets the image as `Image.open` left
     it, header read and pixels not decoded (any mode), so that it can pick a JPEG draft scale for
     its crop (see `vitcore.data.transforms`); decode errors it raises count as skipped samples.
+    `pin_memory=True` (pass it when training on CUDA) yields batches in page-locked memory, so that
+    `.to(device, non_blocking=True)` copies overlap with compute. DataLoader workers are started at
+    the first `iter()` and kept for the following epochs.
     """
 
     def __init__(
@@ -396,6 +427,7 @@ class ShardStream:
         shuffle_buffer: int = 1000,
         drop_last: bool = True,
         resampled: bool = True,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size <= 0 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad stream layout: batch_size={batch_size} num_workers={num_workers} "
@@ -412,124 +444,147 @@ class ShardStream:
         self.transform, self.batch_size, self.labeled = transform, batch_size, labeled
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, seed
         self.shuffle_buffer, self.drop_last, self.resampled = shuffle_buffer, drop_last, resampled
-        self._streams = max(num_workers, 1)  # num_workers=0 runs one stream in this process
+        self.pin_memory = pin_memory
+        self._num_streams = max(num_workers, 1)  # num_workers=0 runs one stream in this process
+        # The position: epoch, batches yielded in it, and what each stream consumed.
         self.epoch = 0
-        self._batches = 0  # consumed in this epoch
-        self._segment = 0  # batch at which the current streams started (non-zero after a topology change)
-        self._offsets: list[int] | None = None  # raw samples each worker consumed in this segment
+        self._batches_done = 0  # yielded in this epoch
+        self._plans_start = 0  # batch of the epoch where the current plans began (non-zero after a topology change)
+        self._stream_consumed: list[int] | None = None  # raw samples each stream consumed since _plans_start
         self._skipped = 0  # skips folded in from finished iterations or checkpoints
-        self._worker_skipped = [0] * self._streams  # skips reported by the running workers
-        self._ranges_for: tuple[int, int] | None = None  # (seed, epoch) of the cached exactly-once division
-        self._ranges: list[list[tuple[int, int, int]]] = []
+        self._stream_skipped = [0] * self._num_streams  # skips reported by the running streams
+        self._division_key: tuple[int, int] | None = None  # (seed, epoch) of the cached exactly-once division
+        self._division: list[list[tuple[int, int, int]]] = []
+        self._loader: DataLoader | None = None  # kept across epochs with its workers
+        self._board: _PlanBoard | None = None  # where that loader's workers read their plans
+        self._loader_busy = False  # an iteration over it has begun and not run to its end
         if resampled and len(self) == 0:
             raise ValueError(f"{self.epoch_samples} samples make no batch of {batch_size} on {world_size} ranks")
 
     @property
     def skipped(self) -> int:
         """Corrupt samples and broken shards skipped so far on this rank."""
-        return self._skipped + sum(self._worker_skipped)
+        return self._skipped + sum(self._stream_skipped)
 
     def __len__(self) -> int:
         """Batches this rank gets in the current epoch."""
         if self.resampled:
-            return self._batches_in(self.epoch_samples // self.world_size)
-        return sum(self._batches_in(sum(stop - start for _, start, stop in ranges)) for ranges in self._my_ranges())
+            return self._batch_count(self.epoch_samples // self.world_size)
+        return sum(self._batch_count(sum(stop - start for _, start, stop in ranges)) for ranges in self._rank_ranges())
 
-    def _batches_in(self, samples: int) -> int:
+    def _batch_count(self, samples: int) -> int:
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
 
-    def _epoch_shard_ids(self) -> list[int]:
-        """Exactly-once mode: all shards in this epoch's order, identical on every rank."""
-        ids = list(range(len(self.urls)))
-        random.Random(derive_seed(self.seed, self.epoch, "shard-order")).shuffle(ids)
-        return ids
+    def _epoch_shard_order(self) -> list[int]:
+        """Exactly-once mode: all shard indices in this epoch's order, identical on every rank."""
+        order = list(range(len(self.urls)))
+        random.Random(derive_seed(self.seed, self.epoch, "shard-order")).shuffle(order)
+        return order
 
-    def _my_ranges(self) -> list[list[tuple[int, int, int]]]:
-        """Exactly-once mode: each of this rank's workers' (shard, start, stop) ranges this epoch."""
+    def _rank_ranges(self) -> list[list[tuple[int, int, int]]]:
+        """Exactly-once mode: the (shard, start, stop) ranges of each of this rank's streams this epoch."""
         key = (self.seed, self.epoch)
-        if self._ranges_for != key:  # the division of the whole world, the same on every rank
-            division = _exactly_once_ranges(self._shard_samples, self._epoch_shard_ids(),
-                                            self.world_size * self._streams)
-            self._ranges_for, self._ranges = key, division
+        if self._division_key != key:  # the division of the whole world, the same on every rank
+            self._division = _exactly_once_ranges(self._shard_samples, self._epoch_shard_order(),
+                                                  self.world_size * self._num_streams)
+            self._division_key = key
         # Streams are numbered worker-major, so that small epochs spread over the ranks first.
-        return [self._ranges[w * self.world_size + self.rank] for w in range(self._streams)]
+        return [self._division[s * self.world_size + self.rank] for s in range(self._num_streams)]
 
-    def _plans(self) -> list[_WorkerPlan]:
-        done = self._batches - self._segment  # batches the current streams have delivered
-        offsets = self._offsets or [share(done, self._streams, w) * self.batch_size for w in range(self._streams)]
-        remaining = len(self) - self._segment
-        mine = self._my_ranges() if not self.resampled else []
+    def _plans(self) -> list[_StreamPlan]:
+        """Each stream's plan for the rest of this epoch, from the position."""
+        streams = self._num_streams
+        delivered = self._batches_done - self._plans_start  # batches the current plans' streams delivered
+        consumed = self._stream_consumed or [_part_size(delivered, streams, s) * self.batch_size
+                                             for s in range(streams)]
+        plans_batches = len(self) - self._plans_start  # batches the current plans deliver in all
+        rank_ranges = self._rank_ranges() if not self.resampled else []
         plans = []
-        for w in range(self._streams):
-            seed = derive_seed(self.seed, self.epoch, self.rank, w, self._segment)
+        for s in range(streams):
+            seed = derive_seed(self.seed, self.epoch, self.rank, s, self._plans_start)
             if self.resampled:
-                batches = share(remaining, self._streams, w) - share(done, self._streams, w)
-                plan = _WorkerPlan(seed, None, offsets[w], batches)
+                batches = _part_size(plans_batches, streams, s) - _part_size(delivered, streams, s)
+                plans.append(_StreamPlan(seed, None, consumed[s], batches))
             else:
-                ranges = [(self.urls[i], start, stop) for i, start, stop in mine[w]]
-                plan = _WorkerPlan(seed, ranges, offsets[w], None)
-            plans.append(plan)
+                plans.append(_StreamPlan(seed, rank_ranges[s], consumed[s], None))
         return plans
+
+    def _new_loader(self) -> tuple[DataLoader, _PlanBoard]:
+        """A DataLoader over this rank's streams, with the board its workers read their plans from."""
+        # Exactly-once ranges: at most one per shard, plus one per cut between two streams.
+        max_ranges = 0 if self.resampled else len(self.urls) + self.world_size * self._num_streams
+        board = _PlanBoard(self._num_streams, max_ranges)
+        dataset = _EpochStream(board, self.urls, self._shard_samples, self.transform, self.batch_size,
+                               self.labeled, self.shuffle_buffer, self.drop_last)
+        # A private generator: creating the loader's iterator would otherwise draw its base seed
+        # from the global RNG, shifting the training RNG (MPP masking) by where iteration began.
+        # (That seed reaches no sample: streams seed their own RNGs from their plans.)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, "loader"))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            persistent_workers=self.num_workers > 0, generator=generator)
+        return loader, board
 
     def __iter__(self) -> Iterator[Batch]:
         """One epoch (or its rest, after a resume or an interrupted iteration); then the next epoch."""
         plans = self._plans()
-        self._offsets = [p.skip for p in plans]
-        self._skipped, self._worker_skipped = self.skipped, [0] * self._streams
-        first = (self._batches - self._segment) % self._streams
-        dataset = _EpochStream(plans, first, self.urls, self._shard_samples, self.transform, self.batch_size,
-                               self.labeled, self.shuffle_buffer, self.drop_last)
-        # A private generator: creating the loader's iterator would otherwise draw its base seed
-        # from the global RNG, shifting the training RNG (MPP masking) by where iteration began.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.epoch, "loader"))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                            generator=generator)
+        self._stream_consumed = [p.consumed for p in plans]
+        self._skipped, self._stream_skipped = self.skipped, [0] * self._num_streams
+        if self._loader is None or self._board is None or self._loader_busy:
+            # After an iteration broken off mid-epoch, a worker may yet start its stream and read
+            # the board: posting on it now could hand that worker a half-written plan. Its output is
+            # discarded, but a new loader (new workers, new board) is the simple safe course.
+            self._loader, self._board = self._new_loader()
+        self._board.post((self._batches_done - self._plans_start) % self._num_streams, plans)
+        self._loader_busy = True
         with _gc_frozen_for_fork():
-            items = iter(loader)  # forks the workers
-        for item in items:
-            worker = item.pop("worker")
-            self._offsets[worker] = item.pop("consumed")
-            self._worker_skipped[worker] = item.pop("skipped")
-            if "image" in item:
-                self._batches += 1
-                yield item
-        self._skipped, self._worker_skipped = self.skipped, [0] * self._streams
-        self.epoch, self._batches, self._segment, self._offsets = self.epoch + 1, 0, 0, None
+            messages = iter(self._loader)  # forks the workers on a new loader's first iteration
+        for message in messages:  # a batch with its stream's counters, or the counters alone
+            stream = message.pop("stream")
+            self._stream_consumed[stream] = message.pop("consumed")
+            self._stream_skipped[stream] = message.pop("skipped")
+            if "image" in message:
+                self._batches_done += 1
+                yield message
+        self._loader_busy = False
+        self._skipped, self._stream_skipped = self.skipped, [0] * self._num_streams
+        self.epoch, self._batches_done, self._plans_start, self._stream_consumed = self.epoch + 1, 0, 0, None
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position as plain ints (JSON- and weights_only-safe)."""
         return {
             "epoch": self.epoch,
-            "batches": self._batches,
+            "batches": self._batches_done,
             "seed": self.seed,
             "skipped": self.skipped,
-            "segment": self._segment,
+            "segment": self._plans_start,
             "rank": self.rank,
             "world_size": self.world_size,
-            "num_workers": self._streams,
+            "num_workers": self._num_streams,
             "batch_size": self.batch_size,
             "epoch_samples": self.epoch_samples,
-            "offsets": list(self._offsets) if self._offsets is not None else [],
+            "offsets": list(self._stream_consumed) if self._stream_consumed is not None else [],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict` position: the next `iter()` yields the batches after it."""
-        self.seed, self.epoch, self._batches = int(state["seed"]), int(state["epoch"]), int(state["batches"])
-        self._skipped, self._worker_skipped = int(state["skipped"]), [0] * self._streams
+        self.seed, self.epoch, self._batches_done = int(state["seed"]), int(state["epoch"]), int(state["batches"])
+        self._skipped, self._stream_skipped = int(state["skipped"]), [0] * self._num_streams
         layout = ("world_size", "num_workers", "batch_size", "epoch_samples")
-        same_layout = [state[k] for k in layout] == [self.world_size, self._streams, self.batch_size, self.epoch_samples]
-        offsets = [int(o) for o in state.get("offsets", [])]
+        same_layout = [state[k] for k in layout] == [self.world_size, self._num_streams, self.batch_size,
+                                                     self.epoch_samples]
+        consumed = [int(o) for o in state.get("offsets", [])]
         if same_layout:
-            self._segment = int(state.get("segment", 0))
-            # Offsets are this rank's own; another rank's state only gives the batch count.
-            self._offsets = offsets if state.get("rank") == self.rank and len(offsets) == self._streams else None
+            self._plans_start = int(state.get("segment", 0))
+            # Consumed counts are this rank's own; another rank's state only gives the batch count.
+            own = state.get("rank") == self.rank and len(consumed) == self._num_streams
+            self._stream_consumed = consumed if own else None
             return
         if not self.resampled:
             raise ValueError("an exactly-once stream resumes only with the same world_size, num_workers, "
                              "batch_size and epoch_samples")
         # Samples all ranks consumed this epoch, in batches of the new layout (rounded up: no replay).
-        consumed = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
-        self._batches = min(len(self), -(-consumed // (self.batch_size * self.world_size)))
+        samples = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
+        self._batches_done = min(len(self), -(-samples // (self.batch_size * self.world_size)))
         log.warning("data stream resumed with a different world_size/num_workers/batch_size/epoch_samples: the "
-                    "rest of epoch %d is freshly resampled from batch %d", self.epoch, self._batches)
-        self._segment, self._offsets = self._batches, None
+                    "rest of epoch %d is freshly resampled from batch %d", self.epoch, self._batches_done)
+        self._plans_start, self._stream_consumed = self._batches_done, None
