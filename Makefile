@@ -8,6 +8,10 @@ IMAGENETTE ?= $(firstword $(wildcard ../shared/data/imagenette2-224.tar) \
                           https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz)
 DEMO_DATA  ?= data/imagenette-112
 DEMO_RUNS  ?= runs/demo
+# The pretraining monitor's labelled sets (kNN and linear probe): fixed random subsets of each split
+MONITOR_train ?= 1000
+MONITOR_val   ?= 500
+MONITOR    := monitor.train_shards=$(DEMO_DATA)/monitor-train monitor.val_shards=$(DEMO_DATA)/monitor-val
 # One local process; `accelerate launch` with these flags asks nothing and warns about nothing.
 # Without --num_cpu_threads_per_process accelerate sets OMP_NUM_THREADS=1: half of a 2-core CPU.
 THREADS    ?= $(shell nproc)
@@ -37,12 +41,14 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m ''
 
-# The whole pipeline: MPP pretraining at 64 px, fine-tuning of that encoder at 96 px (position
-# embeddings 8x8 -> 12x12), the same fine-tuning from scratch, and the results table.
-demo: setup $(DEMO_DATA)/train/index.json $(DEMO_DATA)/val/index.json
+# The whole pipeline: MPP pretraining at 64 px (its encoder's kNN and linear-probe top-1 monitored
+# on a labelled subset), fine-tuning of that encoder at 96 px (position embeddings 8x8 -> 12x12),
+# the same fine-tuning from scratch, and the results table.
+DEMO_SETS := $(foreach s,train val monitor-train monitor-val,$(DEMO_DATA)/$(s)/index.json)
+demo: setup $(DEMO_SETS)
 	rm -rf $(DEMO_RUNS)
 	$(LAUNCH) pretrain/run.py data.shards=$(DEMO_DATA)/train eval.shards=$(DEMO_DATA)/val \
-	    run.out_dir=$(DEMO_RUNS)/pretrain
+	    run.out_dir=$(DEMO_RUNS)/pretrain $(MONITOR)
 	$(LAUNCH) finetune/run.py init_from=$(DEMO_RUNS)/pretrain/checkpoints/latest data.shards=$(DEMO_DATA)/train \
 	    eval.shards=$(DEMO_DATA)/val run.out_dir=$(DEMO_RUNS)/pretrained
 	$(LAUNCH) finetune/run.py init_from=null data.shards=$(DEMO_DATA)/train eval.shards=$(DEMO_DATA)/val \
@@ -56,10 +62,11 @@ demo: setup $(DEMO_DATA)/train/index.json $(DEMO_DATA)/val/index.json
 EXP_SHARDS := data.shards=$(EXP_DATA)/train eval.shards=$(EXP_DATA)/val
 FT := $(LAUNCH) finetune/run.py
 PROBE := $(LAUNCH) finetune/run.py --config configs/finetune/linear_probe.yaml $(EXP_SHARDS)
-experiment: setup $(EXP_DATA)/train/index.json $(EXP_DATA)/val/index.json
+experiment: setup $(foreach s,train val monitor-train monitor-val,$(EXP_DATA)/$(s)/index.json)
 	rm -rf $(EXP_RUNS)
 	$(LAUNCH) pretrain/run.py data.shards=$(EXP_DATA)/train eval.shards=$(EXP_DATA)/val \
-	    run.out_dir=$(EXP_RUNS)/pretrain run.steps=$(EXP_PRETRAIN_STEPS) run.eval_every=500
+	    run.out_dir=$(EXP_RUNS)/pretrain run.steps=$(EXP_PRETRAIN_STEPS) run.eval_every=500 \
+	    monitor.train_shards=$(EXP_DATA)/monitor-train monitor.val_shards=$(EXP_DATA)/monitor-val
 	for seed in $(SEEDS); do \
 	  $(FT) $(EXP_SHARDS) init_from=$(EXP_RUNS)/pretrain run.out_dir=$(EXP_RUNS)/pretrained-s$$seed run.seed=$$seed \
 	      run.steps=$(EXP_FT_STEPS) run.eval_every=100 || exit 1; \
@@ -99,6 +106,16 @@ $(DEMO_DATA)/%/index.json: | setup
 
 data/experiment/%/index.json: | setup
 	$(PY) -m vitcore.data.shards --source $(DATASET) --split $* --resize 112 --out data/experiment/$*
+
+# The monitor's sets: the first MONITOR_<split> images of a seeded shuffle of the split (make picks
+# these rules over the ones above: their stem is shorter)
+$(DEMO_DATA)/monitor-%/index.json: | setup
+	$(PY) -m vitcore.data.shards --source $(IMAGENETTE) --split $* --resize 112 --limit $(MONITOR_$*) \
+	    --out $(DEMO_DATA)/monitor-$*
+
+data/experiment/monitor-%/index.json: | setup
+	$(PY) -m vitcore.data.shards --source $(DATASET) --split $* --resize 112 --limit $(MONITOR_$*) \
+	    --out data/experiment/monitor-$*
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from finetune.config import FinetuneConfig
-from vitcore.attention import cls_attention_map, overlay
+from vitcore.attention import attention_maps
 from vitcore.config import ConfigError
 from vitcore.data import read_index
 from vitcore.data.transforms import eval_transform, finetune_train_transform, normalize
@@ -148,8 +148,6 @@ class ClassifyTask(Task):
         vit = model.vit
         was_training = vit.training
         vit.eval()
-        images = batch["image"][:8]  # (b, 3, H, W) uint8
-        out = vit(normalize(images), return_attention=True)
+        maps = attention_maps(vit, batch["image"][:8])  # (b, 3, H, W) uint8 images
         vit.train(was_training)
-        grid = (images.shape[-2] // vit.cfg.patch_size, images.shape[-1] // vit.cfg.patch_size)
-        return overlay(images, cls_attention_map(out.attentions, grid))
+        return maps["attention_rollout"]

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from pretrain.targets import TARGETS
-from vitcore.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, check
+from vitcore.config import DataConfig, EvalConfig, ModelConfig, MonitorConfig, OptimConfig, RunConfig, check
 
 
 @dataclass
@@ -43,6 +43,8 @@ class PretrainConfig:
     mpp: MPPConfig = field(default_factory=MPPConfig)
     # MPP accuracy on held-out shards when given (`make demo` gives Imagenette val); labels unused
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # kNN and linear-probe top-1 of the encoder's features on labelled shards while pretraining runs
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         check(self.eval.shards is None or self.mpp.target != "pixels", "eval.shards",

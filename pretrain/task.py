@@ -71,7 +71,9 @@ class MPPTask(Task):
     labeled = False  # self-supervised: shards need no labels
     bar_keys = ("loss", "acc", "baseline_acc", "img_s")
     report_columns = (("loss", "loss", "{:.3f}"), ("MPP acc", "acc", "{:.1%}"),
-                      ("most-frequent-colour acc", "baseline_acc", "{:.1%}"), ("val MPP acc", "eval.top1", "{:.1%}"))
+                      ("most-frequent-colour acc", "baseline_acc", "{:.1%}"), ("val MPP acc", "eval.top1", "{:.1%}"),
+                      ("kNN top-1", "probe.knn_top1_patch_mean", "{:.1%}"),
+                      ("linear probe top-1", "probe.linear_top1_patch_mean", "{:.1%}"))
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg

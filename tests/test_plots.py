@@ -19,7 +19,10 @@ def _fake_run(run: Path, stage: str, images: dict[str, torch.Tensor]) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     run.mkdir(parents=True)
-    rows = []
+    probe = lambda step: {"step": step, "samples": 8 * step,  # noqa: E731 (the monitor's rows)
+                          **{f"probe/{p}_top1_{f}": 0.1 + 0.05 * step for p in ("knn", "linear")
+                             for f in ("cls", "patch_mean")}}
+    rows = [probe(0)] if stage == "pretrain" else []
     for step in range(1, 7):
         row = {"step": step, "samples": 8 * step, "loss": 2.0 / step, "lr": 1e-3}
         if stage == "pretrain":
@@ -30,6 +33,8 @@ def _fake_run(run: Path, stage: str, images: dict[str, torch.Tensor]) -> Path:
         if stage == "finetune" and step % 3 == 0:
             rows.append({"step": step, "samples": 8 * step, "val/top1": 0.1 * step, "val/top5": 0.5,
                          "val/loss": 1.0, "val/count": 100.0, "val/ema_top1": 0.09 * step})
+        if stage == "pretrain" and step % 3 == 0:
+            rows.append(probe(step))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
     (run / "summary.json").write_text(json.dumps({"stage": stage, "steps": 6, "final": rows[-1]}))
     writer = SummaryWriter(str(run))
@@ -48,7 +53,8 @@ def _fake_run(run: Path, stage: str, images: dict[str, torch.Tensor]) -> Path:
 def runs(tmp_path: Path) -> dict[str, Path]:
     finetune = {"finetune/examples": torch.rand(3, 16, 24), "val/confusion": torch.rand(3, 20, 20)}
     return {"pretrained": _fake_run(tmp_path / "ft", "finetune", finetune),
-            "mpp": _fake_run(tmp_path / "pt", "pretrain", {"pretrain/examples": torch.rand(3, 12, 40)})}
+            "mpp": _fake_run(tmp_path / "pt", "pretrain", {"pretrain/examples": torch.rand(3, 12, 40),
+                                                           "probe/attention_heads": torch.rand(3, 30, 50)})}
 
 
 def _size(path: Path) -> tuple[int, int]:
@@ -62,8 +68,8 @@ def test_plot_runs_writes_figures_and_logged_images(runs: dict[str, Path], tmp_p
     out = tmp_path / "figures"
     paths = plots.plot_runs(list(runs.items()), out)
     assert sorted(p.name for p in paths) == sorted(
-        ["training_curves.png", "val_top1.png", "pretrained_attention_rollout.png", "pretrained_confusion.png",
-         "mpp_mpp_predictions.png"])
+        ["training_curves.png", "val_top1.png", "probes.png", "pretrained_attention_rollout.png",
+         "pretrained_confusion.png", "mpp_mpp_predictions.png", "mpp_monitor_heads.png"])
     assert all(p.parent == out and p.is_file() for p in paths)
     width, height = _size(out / "training_curves.png")  # three panels: pretrain loss, MPP acc, finetune loss
     assert width > 2 * height > 400
@@ -72,6 +78,9 @@ def test_plot_runs_writes_figures_and_logged_images(runs: dict[str, Path], tmp_p
     assert _size(out / "pretrained_attention_rollout.png") == (24, 16)  # the last image, (W, H) as logged
     assert _size(out / "pretrained_confusion.png") == (20, 20)
     assert _size(out / "mpp_mpp_predictions.png") == (40, 12)
+    assert _size(out / "mpp_monitor_heads.png") == (50, 30)
+    width, height = _size(out / "probes.png")  # two panels: kNN and linear probe
+    assert 2 * height < width < 3 * height
 
 
 def test_cli_names_runs_and_prints_paths(runs: dict[str, Path], tmp_path: Path,
@@ -79,8 +88,8 @@ def test_cli_names_runs_and_prints_paths(runs: dict[str, Path], tmp_path: Path,
     out = tmp_path / "cli"
     plots.main(["--out", str(out), f"scratch={runs['pretrained']}", str(runs["mpp"])])  # unnamed: the dir name
     printed = capsys.readouterr().out.split()
-    expected = {"training_curves.png", "val_top1.png", "scratch_attention_rollout.png", "scratch_confusion.png",
-                "pt_mpp_predictions.png"}
+    expected = {"training_curves.png", "val_top1.png", "probes.png", "scratch_attention_rollout.png",
+                "scratch_confusion.png", "pt_mpp_predictions.png", "pt_monitor_heads.png"}
     assert {Path(p).name for p in printed} == expected
     assert all(Path(p).is_file() and _size(Path(p))[0] > 0 for p in printed)
 

@@ -2,9 +2,10 @@
 
 Attention rollout (Abnar & Zuidema, 2020) follows attention through the residual stream by
 averaging heads, adding the identity for the skip connection and multiplying the layers. Its
-inputs are the per-block weights in `ViTOutput.attentions` from `ViT(images, return_attention=True)`.
-Everything here is a pure function of tensors; images come back as (3, H, W) floats in [0, 1], as
-`SummaryWriter.add_image` takes them.
+inputs are the per-block weights in `ViTOutput.attentions` from `ViT(images, return_attention=True)`;
+`attention_maps` runs that forward and draws the pictures the engine logs. Everything else is a
+pure function of tensors; images come back as (3, H, W) floats in [0, 1], as `SummaryWriter.add_image`
+takes them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import make_grid
 
-from vitcore.pos_embed import Grid
+from vitcore.data.transforms import normalize
+from vitcore.pos_embed import Grid, grid_size
+from vitcore.vit import ViT
 
 # An 'inferno'-like ramp, black -> purple -> red -> orange -> pale yellow, sampled from matplotlib's
 # inferno at 0, 1/4, ..., 1. Luminance rises monotonically, so bright always means high.
@@ -98,13 +101,47 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5) -> tor
     if images.ndim != 4 or images.shape[1] != 3 or maps.ndim != 3 or maps.shape[0] != images.shape[0]:
         raise ValueError(f"expected (B, 3, H, W) images and (B, gh, gw) maps, got {tuple(images.shape)} "
                          f"and {tuple(maps.shape)}")
-    images = images.detach()
-    pictures = images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0.0, 1.0)
-    maps = maps.detach().float().to(images.device)[:, None]  # (B, 1, gh, gw)
-    up = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
-    heat = colormap(up[:, 0]).permute(0, 3, 1, 2)  # (B, 3, H, W)
-    blended = (1.0 - alpha) * pictures + alpha * heat
+    pictures = _pictures(images)  # (B, 3, H, W)
+    blended = _blend(pictures, maps, alpha)  # (B, 3, H, W)
     return make_grid(torch.cat([pictures, blended]), nrow=images.shape[0], padding=2).clamp(0.0, 1.0)
+
+
+def head_overlays(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """Per-head maps blended over their images: (B, 3, H, W) images and (B, heads, gh, gw) maps in
+    [0, 1] -> (3, H', W') grid, one row per image: the image, then one overlay per head."""
+    if images.ndim != 4 or maps.ndim != 4 or maps.shape[0] != images.shape[0]:
+        raise ValueError(f"expected (B, 3, H, W) images and (B, heads, gh, gw) maps, got {tuple(images.shape)} "
+                         f"and {tuple(maps.shape)}")
+    B, heads = maps.shape[:2]
+    pictures = _pictures(images)  # (B, 3, H, W)
+    blended = _blend(pictures.repeat_interleave(heads, dim=0), maps.flatten(0, 1), alpha)  # (B*heads, 3, H, W)
+    rows = torch.cat([pictures[:, None], blended.unflatten(0, (B, heads))], dim=1)  # (B, 1+heads, 3, H, W)
+    return make_grid(rows.flatten(0, 1), nrow=1 + heads, padding=2).clamp(0.0, 1.0)
+
+
+def attention_maps(vit: ViT, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"attention_rollout", "attention_heads"}: images for TensorBoard of where `vit` (in eval()
+    mode) looks on uint8 (B, 3, H, W) `images`: the rollout of [CLS] over all blocks, and the last
+    block's [CLS] attention per head."""
+    with torch.no_grad():
+        attentions = vit(normalize(images), return_attention=True).attentions
+    grid = grid_size((images.shape[-2], images.shape[-1]), vit.cfg.patch_size)
+    return {"attention_rollout": overlay(images, cls_attention_map(attentions, grid)),
+            "attention_heads": head_overlays(images, last_layer_cls_heads(attentions, grid))}
+
+
+def _pictures(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> floats in [0, 1]; float images are taken as already in [0, 1]."""
+    images = images.detach()
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float().clamp(0.0, 1.0)
+
+
+def _blend(pictures: torch.Tensor, maps: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B, 3, H, W) pictures in [0, 1] with (B, gh, gw) maps upsampled and coloured over them."""
+    maps = maps.detach().float().to(pictures.device)[:, None]  # (B, 1, gh, gw)
+    up = F.interpolate(maps, size=pictures.shape[-2:], mode="bilinear", align_corners=False)  # (B, 1, H, W)
+    heat = colormap(up[:, 0]).permute(0, 3, 1, 2)  # (B, 3, H, W)
+    return (1.0 - alpha) * pictures + alpha * heat
 
 
 def confusion_image(matrix: torch.Tensor, cell: int = 16) -> torch.Tensor:

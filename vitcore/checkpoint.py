@@ -13,6 +13,9 @@ only once every file is on disk, then `latest` is swapped by renaming a new syml
 A crash at any moment leaves `latest` pointing at a complete checkpoint, and only finite weights
 are ever saved.
 
+Writes can run in the background (`BackgroundSaver`, which the engine uses): training goes on
+from a host copy of the state while the files are written, with the same guarantees.
+
 One writer: a run holds `<run>/.lock` (`lock_run_dir`) for its life, so no second run resumes
 from, writes into or prunes the temporary files of a live one.
 """
@@ -24,6 +27,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +187,47 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def host_copy(obj: Any) -> Any:
+    """`obj` (nested dicts, lists, tuples) with every tensor copied to host memory: a snapshot that
+    training can no longer change while a background thread writes it."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """Runs `save_checkpoint` in one background thread, one checkpoint at a time, so that training
+    (and the other ranks) need not wait for the filesystem. The write keeps every guarantee of
+    `save_checkpoint`: a crash mid-write leaves the previous `latest` intact. `wait()` returns once
+    the write in flight is complete and raises its error, if it failed."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, *args: Any, **kwargs: Any) -> None:
+        """`save_checkpoint(*args, **kwargs)` in the background; the tensors must be host copies."""
+        self.wait()
+
+        def write() -> None:
+            try:
+                save_checkpoint(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the training thread by wait())
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

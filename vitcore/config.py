@@ -122,6 +122,9 @@ class RunConfig:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model
     eval_every: int = 0  # evaluate on eval.shards every N steps (and always at the end); 0: at the end only
+    # How long a rank waits in a collective before the run fails (torch's default is 10 min for NCCL):
+    # covers the slowest wait there is, rank 0 reading a checkpoint or a shard index on a slow filesystem.
+    collective_timeout_s: int = 1800
 
     def validate(self, key: str) -> None:
         check(self.steps > 0, f"{key}.steps", "must be positive")
@@ -131,6 +134,7 @@ class RunConfig:
             check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
         check(self.image_every >= 0, f"{key}.image_every", "must be >= 0 (0 disables)")
         check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0 (0: only at the end)")
+        check(self.collective_timeout_s > 0, f"{key}.collective_timeout_s", "must be positive")
         check(bool(self.resume), f"{key}.resume", "must be auto, never or a checkpoint directory")
 
 
@@ -144,6 +148,37 @@ class EvalConfig:
         check(self.shards is None or bool(self.shards), f"{key}.shards", "is empty (use null for no evaluation)")
         check(self.batch_size > 0, f"{key}.batch_size", "must be positive")
         check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+
+
+@dataclass
+class MonitorConfig:
+    """Probes of the encoder's features during training (see `vitcore.probes`), on labelled shards
+    apart from the training data: pretraining needs no labels, the monitor only a small labelled set."""
+
+    train_shards: str | None = None  # labelled shards the probes fit on (a train subset); None: no monitor
+    val_shards: str | None = None  # labelled shards they are scored on (same classes)
+    every: int = 250  # steps between probes (also at step 0, the random-init reference, and at the end)
+    batch_size: int = 128  # per process, for feature extraction
+    num_workers: int = 2
+    knn_k: int = 20  # DINO's weighted kNN: k nearest, votes exp(cosine / T)
+    knn_temperature: float = 0.07
+    probe_steps: int = 300  # L-BFGS iterations of the logistic-regression probe
+    images: int = 4  # validation images whose attention maps go to TensorBoard; 0: none
+
+    def validate(self, key: str) -> None:
+        check((self.train_shards is None) == (self.val_shards is None), f"{key}.val_shards" if self.train_shards
+              else f"{key}.train_shards", "give both monitor.train_shards and monitor.val_shards (or neither)")
+        for name in ("train_shards", "val_shards"):
+            check(getattr(self, name) != "", f"{key}.{name}", "is empty (use null for no monitor)")
+        for name in ("every", "batch_size", "knn_k", "probe_steps"):
+            check(getattr(self, name) > 0, f"{key}.{name}", "must be positive")
+        check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0")
+        check(self.knn_temperature > 0, f"{key}.knn_temperature", "must be positive")
+        check(self.images >= 0, f"{key}.images", "must be >= 0 (0: no attention maps)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.train_shards is not None
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

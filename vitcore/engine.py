@@ -13,19 +13,22 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 
 from vitcore import checkpoint
+from vitcore.attention import attention_maps
 from vitcore.config import ConfigError, load_config, save_config, to_dict
 from vitcore.data import ShardStream
 from vitcore.data.sources import check_same_classes
@@ -33,6 +36,7 @@ from vitcore.data.stream import derive_seed
 from vitcore.evaluation import coverage_problem, evaluate, to_device
 from vitcore.monitor import Monitor
 from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
+from vitcore.probes import extract_features, probe_scores
 from vitcore.vit import ViT, flops_per_image
 
 # Dense bf16/fp16 tensor-core peak FLOP/s by device name (the first name contained in the device's
@@ -101,6 +105,73 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
+# sysexits.h EX_TEMPFAIL: "try again later". A preempted run exits with it after its checkpoint, so
+# that a scheduler (launch/slurm.sh) requeues the job, and run.resume=auto continues it.
+PREEMPTED_EXIT = 75
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: a checkpoint was saved and training stopped early."""
+
+
+@dataclass
+class Start:
+    """Where a run starts, as rank 0 decided it (sent to every rank)."""
+
+    checkpoint: str | None  # the checkpoint directory to resume from; None: from scratch
+    step: int
+    finished: dict[str, Any] | None  # the summary of a run already complete at that step
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (SLURM's warning before a time limit, with `--signal`) ask the run to
+    checkpoint and stop at the next step boundary. Repeats change nothing (a scheduler may signal
+    every process of the job and relay the signal too); SIGKILL or Ctrl-C stop at once, and the last
+    complete checkpoint is intact then. Ranks may receive the signal at different steps, so they
+    agree through an all-reduce each step: on the CPU over gloo, so it never waits on the GPU,
+    started after one step and read after the next, so its latency hides behind a step's work."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.received = 0  # the first signal's number
+        self.pid = os.getpid()  # data-loader workers forked later inherit the handler: they ignore it
+        self.distributed = accelerator.num_processes > 1
+        self.group: Any = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # a collective: every rank creates it here
+        self.pending: tuple[Any, torch.Tensor] | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if self.pending is not None:
+            self.pending[0].wait()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() == self.pid and not self.received:
+            self.received = signum  # nothing else here: printing could re-enter a stream being written
+
+    def agreed(self) -> bool:
+        """Whether every rank stops now: one rank's signal stops all, one step after it arrived."""
+        if not self.distributed:
+            return bool(self.received)
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item())
+        flag = torch.tensor([self.received], dtype=torch.int32)
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return stop
+
+
 def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None = None,
          description: str | None = None) -> dict[str, Any]:
     """Entry point of a stage: `run.py [--config PATH] [key=value ...]`; `description` heads --help."""
@@ -119,11 +190,15 @@ def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None 
         raise SystemExit(f"config error: {e}") from None
     except (TrainingError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(PREEMPTED_EXIT) from None
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
-    """The RNG seed of `rank` from optimizer step `step` on: a resumed run draws what an
-    uninterrupted one would, without storing every rank's RNG state."""
+    """The RNG seed of `rank` for optimizer step `step` (0-based). Every step reseeds, so a run
+    resumed at any step (a preemption's too) draws what an uninterrupted one would, without storing
+    every rank's RNG state, and nothing between steps (evaluation, monitor, images) can shift it."""
     return derive_seed(seed, rank, step, "train")
 
 
@@ -136,6 +211,7 @@ class Progress:
     nonfinite_steps: int = 0
     best_top1: float = -1.0  # of the trained weights at an evaluation; -1: none yet
     best_step: int = 0
+    probe_start: dict[str, float] = field(default_factory=dict)  # the monitor's scores at step 0
 
 
 class Window:
@@ -171,8 +247,11 @@ class Trainer:
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.accelerator = Accelerator(
-            mixed_precision=cfg.run.mixed_precision, dynamo_backend="inductor" if cfg.run.compile else "no"
+            mixed_precision=cfg.run.mixed_precision, dynamo_backend="inductor" if cfg.run.compile else "no",
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s))],
         )
+        self.saver = checkpoint.BackgroundSaver()
+        self._pin = self.accelerator.device.type == "cuda"  # pinned host batches: copies overlap compute
         kind = self.accelerator.distributed_type
         if kind not in SUPPORTED:
             raise TrainingError(f"{kind.value} is not supported yet: the engine and its checkpoints are written "
@@ -181,38 +260,72 @@ class Trainer:
         if launcher not in ("no", cfg.run.mixed_precision):  # "no" is also accelerate's silent default
             self.accelerator.print(f"warning: the launcher asked for {launcher} precision; run.mixed_precision="
                                    f"{cfg.run.mixed_precision} decides (set run.mixed_precision={launcher} for it)")
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         d, e = cfg.data, cfg.eval
         # Bad shards stop the run here, before any work, with one line naming the key.
         with _data_errors("data.shards"):
             self.stream = ShardStream(
-                d.shards, task.transform, d.batch_size, rank=rank, world_size=world, num_workers=d.num_workers,
-                seed=cfg.run.seed, epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
+                d.shards, task.transform, d.batch_size, rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes, num_workers=d.num_workers, seed=cfg.run.seed,
+                epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
+                pin_memory=self._pin,
             )
         self.eval_stream: ShardStream | None = None
         self.fixed_batch: dict[str, Any] | None = None  # validation images drawn at every evaluation
         if e.shards is not None:
             with _data_errors("eval.shards"):
-                self.eval_stream = ShardStream(
-                    e.shards, task.eval_transform, e.batch_size, rank=rank, world_size=world,
-                    num_workers=e.num_workers, seed=cfg.run.seed, labeled=task.labeled, shuffle_buffer=0,
-                    drop_last=False, resampled=False,
-                )
+                self.eval_stream = self._exactly_once(e.shards, e.batch_size, e.num_workers, task.labeled)
                 if task.labeled:
                     check_same_classes(self.stream.classes, self.eval_stream.classes, d.shards, e.shards)
                 if self.accelerator.is_main_process:
-                    first = ShardStream(e.shards, task.eval_transform, 8, num_workers=0, labeled=task.labeled,
-                                        shuffle_buffer=0, drop_last=False, resampled=False)
-                    self.fixed_batch = self._to_device(next(iter(first)))
+                    self.fixed_batch = self._to_device(self._first_batch(e.shards, 8, task.labeled))
+        self.probe_streams: tuple[ShardStream, ShardStream] | None = None  # monitor: (train subset, val)
+        self.probe_images: torch.Tensor | None = None  # validation images for the attention maps
+        self._probe_seconds = 0.0  # time spent monitoring, reported in summary.json
+        monitor = getattr(cfg, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            self._build_probe_streams(monitor)
+
+    def _build_probe_streams(self, m: Any) -> None:
+        """Exactly-once labelled streams for the monitor's probes; bad shards stop here, before any work."""
+        streams = []
+        for key in ("train_shards", "val_shards"):
+            with _data_errors(f"monitor.{key}"):
+                streams.append(self._exactly_once(getattr(m, key), m.batch_size, m.num_workers, labeled=True))
+        with _data_errors("monitor.val_shards"):
+            check_same_classes(streams[0].classes, streams[1].classes, f"monitor.train_shards: {m.train_shards}",
+                               f"monitor.val_shards: {m.val_shards}")
+        self.probe_streams = (streams[0], streams[1])
+        if m.images and self.accelerator.is_main_process:
+            self.probe_images = self._first_batch(m.val_shards, m.images, labeled=True)["image"].to(self.accelerator.device)
+
+    def _exactly_once(self, shards: str, batch_size: int, num_workers: int, labeled: bool) -> ShardStream:
+        """A stream for evaluation: each sample once over all ranks, in index order, no sample dropped."""
+        return ShardStream(shards, self.task.eval_transform, batch_size, rank=self.accelerator.process_index,
+                           world_size=self.accelerator.num_processes, num_workers=num_workers, seed=self.cfg.run.seed,
+                           labeled=labeled, shuffle_buffer=0, drop_last=False, resampled=False, pin_memory=self._pin)
+
+    def _first_batch(self, shards: str, size: int, labeled: bool) -> dict[str, Any]:
+        """The first `size` samples of `shards` in index order: the fixed images drawn at every evaluation."""
+        first = ShardStream(shards, self.task.eval_transform, size, num_workers=0, labeled=labeled, shuffle_buffer=0,
+                            drop_last=False, resampled=False)
+        return next(iter(first))
 
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train to run.steps, holding the run directory from before the first read to the end."""
+        """Train to run.steps, holding the run directory from before the first read to the end.
+        Raises Preempted after saving a checkpoint when SIGTERM or SIGUSR1 arrives."""
         lock = self._lock_run_dir()
         try:
-            return self._finished() or self._fit()
+            start = self._agree_on_start()
+            if start.finished is not None:
+                self.accelerator.print(f"run.out_dir: {self.out_dir} is complete at step {start.step} (run.steps="
+                                       f"{self.cfg.run.steps}); its summary.json is kept. Raise run.steps to train on")
+                return start.finished
+            with StopSignals(self.accelerator) as signals:
+                return self._fit(start.checkpoint, signals)
         finally:
+            self.saver.wait()  # a checkpoint being written in the background is complete before we return
             if lock is not None:
                 checkpoint.unlock_run_dir(lock)
 
@@ -229,28 +342,59 @@ class Trainer:
             raise TrainingError(problem[0])
         return lock
 
-    def _finished(self) -> dict[str, Any] | None:
-        """The summary of a run that already reached run.steps, left as it is; None otherwise."""
-        resume_from, path = self._resume_point(), self.out_dir / "summary.json"
-        step = checkpoint.load_meta(resume_from)["step"] if resume_from is not None else 0
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-        if step < self.cfg.run.steps or summary.get("steps") != step:
-            return None
-        self.accelerator.print(f"run.out_dir: {self.out_dir} is complete at step {step} (run.steps="
-                               f"{self.cfg.run.steps}); its summary.json is kept. Raise run.steps to train on")
-        return summary
+    def _agree_on_start(self) -> Start:
+        """Where the run starts, decided by rank 0 alone and broadcast: with node-local disks or a
+        stale NFS cache, ranks reading `latest` themselves could resume from different steps and
+        hang or silently diverge. Every rank then checks that it sees that very checkpoint; if any
+        does not, all stop with one line."""
+        accel, decided = self.accelerator, [None]
+        if accel.is_main_process:
+            try:
+                decided = [self._decide_start()]
+            except TrainingError as e:
+                decided = [str(e)]
+        broadcast_object_list(decided)
+        if isinstance(decided[0], str):
+            raise TrainingError(decided[0])
+        start: Start = decided[0]
+        problem = None
+        if start.checkpoint is not None:
+            try:
+                seen = checkpoint.load_meta(start.checkpoint)["step"]
+            except (OSError, ValueError) as e:
+                seen = f"unreadable ({e})"
+            if seen != start.step:
+                problem = (f"rank {accel.process_index} sees step {seen} at {start.checkpoint}, rank 0 step "
+                           f"{start.step}: every node must see run.out_dir on one shared filesystem")
+        problems = [p for p in gather_object([problem]) if p]
+        if problems:
+            raise TrainingError(f"cannot resume: {problems[0]}")
+        return start
 
-    def _fit(self) -> dict[str, Any]:
+    def _decide_start(self) -> Start:
+        """Rank 0: the checkpoint to resume from (run.resume), and the summary if the run is complete."""
+        resume_from = self._resume_point()
+        self._check_not_behind(resume_from)
+        step = checkpoint.load_meta(resume_from)["step"] if resume_from is not None else 0
+        path = self.out_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        finished = summary if step >= self.cfg.run.steps and summary.get("steps") == step else None
+        return Start(str(resume_from) if resume_from is not None else None, step, finished)
+
+    def _fit(self, resume_from: str | None, signals: StopSignals) -> dict[str, Any]:
         cfg, accel, task = self.cfg, self.accelerator, self.task
         total = cfg.run.steps
-        model, optimizer, progress = self._restore()
+        model, optimizer, progress = self._restore(Path(resume_from) if resume_from else None)
         self.model = model  # kept for callers that inspect the trained model
         monitor = Monitor(self.out_dir, total, progress.step, enabled=accel.is_main_process, bar_keys=task.bar_keys)
         for line in task.log_lines:
             monitor.message(line)
         if progress.step:
-            monitor.message(f"resumed from {self._resumed_from} at step {progress.step}")
-        torch.manual_seed(rank_seed(cfg.run.seed, accel.process_index, progress.step))
+            monitor.message(f"resumed from {resume_from} at step {progress.step}")
+        probe_every = cfg.monitor.every if self.probe_streams is not None else 0
+        probe: dict[str, float] = {}
+        if probe_every and progress.step == 0:  # the reference line: the randomly initialised encoder
+            probe = progress.probe_start = self._probe(monitor, model, progress)
         per_step = cfg.data.batch_size * cfg.optim.accum_steps * accel.num_processes
         flops = task.train_flops(accel.unwrap_model(model), (cfg.model.image_size,) * 2)
         window = Window(accel.device, progress.nonfinite_steps)
@@ -268,22 +412,34 @@ class Trainer:
                 self._log(monitor, window, progress, lr, flops)
             if cfg.run.image_every and step % cfg.run.image_every == 0 and accel.is_main_process:
                 self._draw(monitor, model, self.fixed_batch or batch, step)
+            if probe_every and (step % probe_every == 0 or last):
+                probe = self._probe(monitor, model, progress)
             is_best = False
             if self.eval_stream is not None and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or last):
                 evaluation = self._evaluate(monitor, model, progress)
                 is_best = evaluation["top1"] > progress.best_top1
                 if is_best:
                     progress.best_top1, progress.best_step = evaluation["top1"], step
-            if step % cfg.run.ckpt_every == 0 or last or is_best:
+            stop = signals.agreed()  # every rank stops at the same step, whichever got the signal
+            if step % cfg.run.ckpt_every == 0 or last or is_best or stop:
                 progress.nonfinite_steps = int(window.nonfinite.item())
                 self._save(model, optimizer, progress, best=is_best)
-                torch.manual_seed(rank_seed(cfg.run.seed, accel.process_index, step))
+            if stop and not last:
+                self.saver.wait()
+                monitor.close(None)
+                raise Preempted(f"{signal.Signals(signals.received or signal.SIGTERM).name}: saved a checkpoint at "
+                                f"step {step} of {total}; run the same command again to continue")
 
+        self.saver.wait()  # the last checkpoint is on disk before the summary names it
         throughput = (progress.step - start_step) * per_step / max(time.perf_counter() - start_time, 1e-9)
         summary = {"stage": task.name, "steps": progress.step, "samples": progress.samples,
                    "img_s": round(throughput, 2), "processes": accel.num_processes,
                    "nonfinite_steps": int(window.nonfinite.item()), "skipped_samples": self.stream.skipped,
                    "checkpoint": str(checkpoint.find_latest(self.ckpt_dir)), "columns": task.report_columns}
+        if probe:
+            summary["probe"] = probe
+            summary["probe_start"] = progress.probe_start
+            summary["probe_seconds"] = round(self._probe_seconds, 2)
         if evaluation:
             summary["eval"] = {k: evaluation[k] for k in ("top1", "top5", "count", "loss", "skipped")}
             summary.update({f"eval_{p.rstrip('_')}": {"top1": evaluation[f"{p}top1"], "top5": evaluation[f"{p}top5"]}
@@ -299,6 +455,7 @@ class Trainer:
         cfg, accel = self.cfg, self.accelerator
         accum = cfg.optim.accum_steps
         set_lr(optimizer, lr := lr_at(step, cfg.optim, cfg.run.steps))
+        torch.manual_seed(rank_seed(cfg.run.seed, accel.process_index, step))
         for micro in range(accum):
             t = time.perf_counter()
             batch = next(batches)
@@ -369,6 +526,33 @@ class Trainer:
         monitor.log_eval(progress.step, progress.samples, {**scalars, "count": float(first["count"])})
         return {**first, **scalars}
 
+    def _probe(self, monitor: Monitor, model: nn.Module, progress: Progress) -> dict[str, float]:
+        """The monitor: kNN and linear-probe top-1 of the encoder's features, and its attention maps.
+        Every rank extracts its share of the features; all ranks score the gathered ones identically."""
+        accel, m = self.accelerator, self.cfg.monitor
+        assert self.probe_streams is not None
+        start = time.perf_counter()
+        vit = self.task.encoder(accel.unwrap_model(model))
+        was_training = vit.training
+        vit.eval()
+        train, val = (extract_features(accel, vit, stream, desc=f"monitor {name}")
+                      for name, stream in zip(("train", "val"), self.probe_streams))
+        for name, features in (("train", train), ("val", val)):
+            if problem := features.coverage_problem(name):
+                monitor.message(problem)
+        classes = self.probe_streams[0].classes
+        assert classes is not None  # labeled streams
+        scores = probe_scores(train, val, len(classes), m.knn_k, m.knn_temperature, m.probe_steps)
+        if self.probe_images is not None:
+            for tag, image in attention_maps(vit, self.probe_images).items():
+                monitor.image(progress.step, f"probe/{tag}", image)
+        vit.train(was_training)
+        seconds = time.perf_counter() - start
+        self._probe_seconds += seconds
+        monitor.log_probe(progress.step, progress.samples, {**scores, "seconds": seconds,
+                                                            "images": float(len(val.keys))})
+        return scores
+
     def _draw(self, monitor: Monitor, model: nn.Module, batch: dict[str, Any], step: int) -> None:
         # the unwrapped module: only the main process draws, and a DDP forward on one rank alone
         # could wait on collectives forever
@@ -378,14 +562,12 @@ class Trainer:
 
     # -- state: restore and save ------------------------------------------------------------------
 
-    def _restore(self) -> tuple[nn.Module, Any, Progress]:
-        """Build model and optimizer; load the checkpoint to resume from, if any."""
+    def _restore(self, resume_from: Path | None) -> tuple[nn.Module, Any, Progress]:
+        """Build model and optimizer; load the checkpoint to resume from (rank 0's choice), if any."""
         cfg, accel = self.cfg, self.accelerator
         set_seed(cfg.run.seed)  # identical initialisation on every rank
         model = self.task.build_model()
         optimizer = build_optimizer(model, cfg.optim)
-        resume_from = self._resumed_from = self._resume_point()
-        self._check_not_behind(resume_from)
         progress = Progress()
         if resume_from is not None:
             model.load_state_dict(checkpoint.load_weights(resume_from))
@@ -443,6 +625,7 @@ class Trainer:
             raise TrainingError(f"step {progress.step}: the weights were not saved: {e}. The last checkpoint "
                                 f"is intact: {checkpoint.find_latest(self.ckpt_dir)}") from None
         data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
+        self.saver.wait()  # the previous write is complete (and its errors raised) before the next
         if accel.is_main_process:
             unwrapped = accel.unwrap_model(model)
             encoder = self.task.encoder(unwrapped)
@@ -460,9 +643,10 @@ class Trainer:
                      **{k: getattr(progress, k) for k in Progress.__dataclass_fields__}}
             if accel.scaler is not None:
                 state["scaler"] = accel.scaler.state_dict()
-            checkpoint.save_checkpoint(self.ckpt_dir, progress.step, weights, state, meta, self.cfg.run.keep_last,
-                                       best=best)
-        accel.wait_for_everyone()
+            # Copied to host memory now (training goes on changing the live tensors); written to disk
+            # in the background, so that no rank waits on a slow filesystem for longer than the copy.
+            self.saver.submit(self.ckpt_dir, progress.step, checkpoint.host_copy(weights),
+                              checkpoint.host_copy(state), meta, self.cfg.run.keep_last, best=best)
 
 
 class _data_errors:

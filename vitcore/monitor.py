@@ -56,15 +56,24 @@ class Monitor:
 
     def log_eval(self, step: int, samples: int, scalars: dict[str, float]) -> None:
         """An evaluation: TensorBoard under `val/`, a metrics.jsonl row with `val/` keys, one line."""
-        scalars = {f"val/{k}": v for k, v in scalars.items()}
+        self._log_section("val", step, samples, scalars, scalars.get("count", 0))
+
+    def log_probe(self, step: int, samples: int, scalars: dict[str, float]) -> None:
+        """The feature monitor's scores: TensorBoard under `probe/`, a metrics.jsonl row, one line."""
+        self._log_section("probe", step, samples, scalars, scalars.get("images", 0))
+
+    def _log_section(self, section: str, step: int, samples: int, scalars: dict[str, float], images: float) -> None:
+        """Scalars under `<section>/` to TensorBoard and a metrics.jsonl row of their own; the
+        accuracies (keys with top1/top5) as one printed line."""
         if not self.enabled:
             return
         for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
+            self.writer.add_scalar(f"{section}/{name}", value, step)
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, "samples": samples, **scalars}) + "\n")
-        shown = ", ".join(f"{k[4:]} {v:.2%}" for k, v in scalars.items() if k.endswith(("top1", "top5")))
-        tqdm.write(f"step {step}: {shown} ({int(scalars.get('val/count', 0))} images)")
+            f.write(json.dumps({"step": step, "samples": samples,
+                                **{f"{section}/{k}": v for k, v in scalars.items()}}) + "\n")
+        shown = ", ".join(f"{k} {v:.2%}" for k, v in scalars.items() if "top1" in k or "top5" in k)
+        tqdm.write(f"step {step} {section}: {shown} ({int(images)} images)")
 
     def confusion(self, step: int, matrix: torch.Tensor) -> None:
         """A (C, C) confusion matrix of counts (rows: true class) as a TensorBoard image."""
@@ -82,14 +91,16 @@ class Monitor:
         if self.enabled:
             tqdm.write(text)
 
-    def close(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write summary.json (final metrics, wall time, throughput) and close the writers."""
-        summary = {**summary, "final": self.last, "wall_time_s": round(time.perf_counter() - self.start_time, 2)}
+    def close(self, summary: dict[str, Any] | None) -> dict[str, Any]:
+        """Write summary.json (final metrics, wall time, throughput) and close the writers; with
+        None (a run stopped early) only close them: summary.json is for finished runs."""
+        result = {**(summary or {}), "final": self.last, "wall_time_s": round(time.perf_counter() - self.start_time, 2)}
         if self.enabled:
             self.bar.close()
             self.writer.close()
-            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
-        return summary
+            if summary is not None:
+                atomic_write_text(self.out_dir / "summary.json", json.dumps(result, indent=2))
+        return result
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines an earlier run logged after `step` (all of them on a fresh start), so each

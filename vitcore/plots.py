@@ -4,9 +4,10 @@
 
 Writes into DIR, from each run's metrics.jsonl and summary.json: training_curves.png (train loss
 vs step, one panel per stage; for pretraining also MPP accuracy vs the most-frequent-colour
-baseline) and val_top1.png (validation top-1 vs step, one panel per stage); and from its
-TensorBoard events the last image of each image tag: <NAME>_mpp_predictions.png,
-<NAME>_attention_rollout.png, <NAME>_confusion.png (the PNG bytes as logged).
+baseline), val_top1.png (validation top-1 vs step, one panel per stage) and probes.png (the
+pretraining monitor's kNN and linear-probe top-1 vs step); and from its TensorBoard events the
+last image of each image tag: <NAME>_mpp_predictions.png, <NAME>_attention_rollout.png,
+<NAME>_confusion.png, <NAME>_monitor_rollout.png, <NAME>_monitor_heads.png (the PNG bytes as logged).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ Rows = list[dict[str, Any]]
 
 STAGES = {"pretrain": "pretraining", "finetune": "fine-tuning"}  # stage -> the word in titles
 IMAGE_TAGS = {"pretrain/examples": "mpp_predictions", "finetune/examples": "attention_rollout",
-              "val/confusion": "confusion"}
+              "val/confusion": "confusion", "probe/attention_rollout": "monitor_rollout",
+              "probe/attention_heads": "monitor_heads"}
+PROBES = {"knn": "weighted kNN top-1", "linear": "linear probe top-1"}  # probe -> panel title
+FEATURES = {"cls": "[CLS]", "patch_mean": "mean patch token"}  # feature -> line label
 
 
 def load_run(run: Path) -> tuple[str, Rows]:
@@ -111,6 +115,25 @@ def val_top1(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
     return path
 
 
+def probes(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
+    """The monitor's kNN and linear-probe top-1 (%) vs pretraining step, a line per run and
+    feature, the step-0 point being the randomly initialised encoder; None without probe rows."""
+    if not any("probe/knn_top1_cls" in r for _, _, rows in runs for r in rows):
+        return None
+    fig, axes = _axes(len(PROBES))
+    for ax, (probe, title) in zip(axes, PROBES.items()):
+        for name, _, rows in runs:
+            for feature, label in FEATURES.items():
+                steps, values = _series(rows, f"probe/{probe}_top1_{feature}", 100)
+                if steps:
+                    ax.plot(steps, values, marker="o", label=f"{name}: {label}")
+        ax.set(title=f"monitor: {title}", xlabel="pretraining step", ylabel="top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
 def logged_images(run: Path, name: str, out: Path) -> list[Path]:
     """The last image of each tag in IMAGE_TAGS from the run's TensorBoard events, as PNG files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -132,8 +155,8 @@ def plot_runs(runs: list[tuple[str, Path]], out: Path) -> list[Path]:
     """All the figures for (name, run dir) pairs, written into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     loaded = [(name, *load_run(run)) for name, run in runs]
-    paths = [p for p in (training_curves(loaded, out / "training_curves.png"),
-                         val_top1(loaded, out / "val_top1.png")) if p is not None]
+    paths = [p for p in (training_curves(loaded, out / "training_curves.png"), val_top1(loaded, out / "val_top1.png"),
+                         probes(loaded, out / "probes.png")) if p is not None]
     for name, run in runs:
         paths += logged_images(run, name, out)
     return paths

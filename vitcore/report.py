@@ -19,8 +19,9 @@ from vitcore.atomic import atomic_write_text
 from vitcore.monitor import read_metrics
 
 # (column, key, format): the task of each run lists its own in summary.json's "columns"; a key is
-# one of the final training metrics, or "eval.<name>" / "eval_ema.<name>" for the final evaluation.
-# A column is shown when some run has a value for it.
+# one of the final training metrics, "eval.<name>" / "eval_ema.<name>" for the final evaluation,
+# or "probe.<name>" for the feature monitor's last scores. A column is shown when some run has a
+# value for it.
 DEFAULT_COLUMNS = [("loss", "loss", "{:.3f}")]
 
 
@@ -32,9 +33,10 @@ def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
     rows = read_metrics(run / "metrics.jsonl")
     train = [row for row in rows if "loss" in row]  # evaluation rows carry val/ keys only
     last = dict(summary.get("final") or {})
-    for section in ("eval", "eval_ema"):
+    for section in ("eval", "eval_ema", "probe"):
         last.update({f"{section}.{k}": v for k, v in (summary.get(section) or {}).items()})
-    return {"run": name or str(run), "summary": summary, "first": train[0] if train else {}, "last": last}
+    first = {**(train[0] if train else {}), **{f"probe.{k}": v for k, v in (summary.get("probe_start") or {}).items()}}
+    return {"run": name or str(run), "summary": summary, "first": first, "last": last}
 
 
 def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
@@ -63,7 +65,8 @@ def table(runs: list[dict[str, Any]]) -> str:
                 cells.append("-")
                 continue
             first = r["first"].get(key)
-            change = f" (from {fmt.format(first)})" if first is not None and key in ("loss", "acc") else ""
+            shows_change = key in ("loss", "acc") or key.startswith("probe.")  # probes: from the random init
+            change = f" (from {fmt.format(first)})" if first is not None and shows_change else ""
             cells.append(fmt.format(r["last"][key]) + change)
         lines.append(cells)
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     text = table(runs)
     notes = ["Training metrics are means over each run's last logging window; (from ...) is the first window's.",
              "val columns: the final weights on the whole validation set."]
+    if any("probe" in r["summary"] for r in runs):
+        notes.append("kNN / linear probe: top-1 of the encoder's features on the monitor's labelled sets at the "
+                     "end of pretraining; (from ...) is the randomly initialised encoder's.")
     gain = numbers(runs).get("gain_top1")
     if gain is not None:
         notes.append(f"Pretrained vs scratch: {gain * 100:+.1f} points of val top-1.")
