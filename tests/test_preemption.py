@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,13 +152,12 @@ def test_run_py_exits_with_the_requeue_code_on_sigterm(cifar_shards, tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300  # generous: start-up alone takes long on a loaded machine
     try:
-        for _ in range(600):  # wait for training to be under way (two logged steps)
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            if proc.poll() is not None:
-                break
-            subprocess.run(["sleep", "0.1"])
+        # wait for training to be under way (two logged steps): before that no handler is installed
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
