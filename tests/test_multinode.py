@@ -3,11 +3,7 @@ process each (gloo), what launch/slurm.sh starts on two nodes. Both "machines" s
 filesystem, as nodes share a cluster's; each launcher runs in a working directory of its own."""
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +16,7 @@ from pretrain.task import MPPTask
 from vitcore.config import load_config
 from vitcore.data import ShardStream
 
-ROOT = Path(__file__).resolve().parents[1]
+from launching import CPU_ENV, free_port, launch_command
 
 # Trains like pretrain/run.py, then saves what each rank ended with: its weights, the sample keys
 # each of its streams yielded, and the steps at which it wrote a checkpoint.
@@ -60,25 +56,15 @@ Path(f"{probe}.json").write_text(json.dumps({"train": keys.get(id(trainer.stream
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_machines(probe: Path, args: list[str], tmp_path: Path) -> None:
     """Start machine ranks 0 and 1 of a 2-machine job at once; both must exit 0."""
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     port = free_port()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     machines = []
     for rank in (0, 1):
         cwd = tmp_path / f"machine{rank}"
         cwd.mkdir(exist_ok=True)
-        cmd = [accelerate, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(probe), *args]
-        machines.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cmd = launch_command(probe, *args, processes=2, machines=2, machine_rank=rank, port=port)
+        machines.append(subprocess.Popen(cmd, cwd=cwd, env=CPU_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                          text=True))
     try:
         errors = [m.communicate(timeout=600)[1] for m in machines]

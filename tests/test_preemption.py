@@ -3,13 +3,10 @@ the resume decision taken by rank 0 alone, including with 2 CPU processes whose 
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from vitcore import checkpoint
 from vitcore.config import load_config
 from vitcore.engine import PREEMPTED_EXIT, Preempted, Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+from launching import CPU_ENV, ROOT, launch_command
 
 
 def overrides(shards, out, steps, *extra):
@@ -62,7 +59,6 @@ def test_a_signal_saves_at_the_next_step_and_the_resumed_run_matches(cifar_shard
 
 PROBE = """
 import json, os, signal, sys
-from pathlib import Path
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
@@ -102,14 +98,8 @@ status["loaded"] = loaded
 def launch_two(tmp_path, mode, args):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    with socket.socket() as s:  # a free port: another launch on the default 29500 must not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(probe), mode, str(tmp_path), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    cmd = launch_command(probe, mode, str(tmp_path), *args)
+    result = subprocess.run(cmd, cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 

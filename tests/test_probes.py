@@ -1,6 +1,8 @@
 """The feature monitor's probes on cases with known answers, and the monitor inside a real run."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from pretrain.task import MPPTask
 from vitcore.config import ConfigError, load_config
 from vitcore.engine import Trainer
 from vitcore.probes import knn_top1, linear_probe_top1
+
+from launching import CPU_ENV, ROOT, launch_command
 
 
 def clusters(per_class: int, centres: torch.Tensor, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,30 +146,15 @@ torch.save({"keys": f.keys, "cls": f.features["cls"], "labels": f.labels, "expec
 
 
 def test_features_count_every_image_once_over_two_processes(cifar_shards, tmp_path):
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     probe = tmp_path / "probe.py"
     probe.write_text(FEATURES_PROBE)
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port: another job's launch on the default 29500 must not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port)]
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", *base, str(probe), str(cifar_shards)]
-    result = subprocess.run([*cmd, str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    cmd = launch_command(probe, str(cifar_shards), str(tmp_path))
+    result = subprocess.run(cmd, cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     two = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     (tmp_path / "one").mkdir()
-    subprocess.run([sys.executable, str(probe), str(cifar_shards), str(tmp_path / "one")], cwd=root, check=True,
-                   env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, timeout=300)  # one process
+    subprocess.run([sys.executable, str(probe), str(cifar_shards), str(tmp_path / "one")], cwd=ROOT, check=True,
+                   env=CPU_ENV, capture_output=True, timeout=300)  # one process
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
     assert two[0]["keys"] == two[1]["keys"]  # every rank holds all the rows, in the same order
     keys = two[0]["keys"]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,8 @@ from pretrain.task import MPPTask
 from test_pretrain import ROOT, overrides, run_script
 from vitcore import checkpoint
 from vitcore.engine import main
+
+from launching import CPU_ENV, launch_command
 
 
 def wait_for(condition, timeout: float) -> None:
@@ -66,13 +67,10 @@ def survivors(marker: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_workers_exit_when_the_launcher_is_killed(cifar_shards, tmp_path):
     out = tmp_path / "run"
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "pretrain" / "run.py"),
-           *overrides(cifar_shards, out, **{"data.batch_size": 8, "data.num_workers": 1, "run.steps": 100000,
-                                            "run.log_every": 1, "run.ckpt_every": 100000, "run.image_every": 0})]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+    cmd = launch_command(ROOT / "pretrain" / "run.py", *overrides(
+        cifar_shards, out, **{"data.batch_size": 8, "data.num_workers": 1, "run.steps": 100000, "run.log_every": 1,
+                              "run.ckpt_every": 100000, "run.image_every": 0}))
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=CPU_ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     try:
         # generous: the first step takes seconds, minutes on a machine busy with other work

@@ -9,16 +9,14 @@ task status. SIGUSR1 to the script stands for SLURM's `--signal=B:USR1@300` warn
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from launching import ROOT, free_port
 from test_run_safety import survivors, wait_for
-
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "slurm.sh"
 JOB_ID = 1234567
 
@@ -161,12 +159,6 @@ def test_the_job_is_requeued_only_when_the_warning_stopped_training(tmp_path, wa
     finally:
         job.kill()
     assert (["requeue", str(JOB_ID)] in calls(tmp_path, "scontrol")) == requeued, job.stderr.read()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_warning_reaches_every_training_process_on_every_node_then_requeues(tmp_path):
