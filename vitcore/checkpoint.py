@@ -158,9 +158,11 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
     return json.loads((resolve(ckpt) / META).read_text())
 
 
-def load_train_state(ckpt: str | Path) -> dict[str, Any]:
+def load_train_state(ckpt: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """`mmap`: tensors are mapped from the file (copy-on-write), read from disk only where touched,
+    for a process that needs the small entries but not the optimizer state."""
     # weights_only: tensors and plain containers only; a tampered file cannot run code.
-    return torch.load(resolve(ckpt) / STATE, map_location="cpu", weights_only=True)
+    return torch.load(resolve(ckpt) / STATE, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -26,8 +26,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from torch.distributed.tensor import DTensor
 
-from vitcore import checkpoint
+from vitcore import checkpoint, sharding
 from vitcore.attention import attention_maps
 from vitcore.config import ConfigError, load_config, save_config, to_dict
 from vitcore.data import ShardStream
@@ -44,8 +45,12 @@ from vitcore.vit import ViT, flops_per_image
 # fp32 runs and unknown devices log TFLOP/s only.
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
               "L40S": 362e12, "A10G": 125e12}
-# DDP, or one process: what the checkpoints and `optimizer.optimizer` calls are written for.
-SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+# DDP, one process, or FSDP2 (Accelerate's fsdp_version 2; FSDP1 and DeepSpeed are refused): the
+# checkpoints hold full weights and the optimizer state by parameter name (`vitcore.sharding`).
+SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP)
+# train_state.pt's "optimizer_format": "by_name", `sharding.optimizer_state`'s layout, loadable by any
+# launch; without the key (older checkpoints), `optimizer.state_dict()`'s, keyed by parameter index
+OPTIMIZER_BY_NAME = "by_name"
 
 
 class Task:
@@ -253,9 +258,11 @@ class Trainer:
         self.saver = checkpoint.BackgroundSaver()
         self._pin = self.accelerator.device.type == "cuda"  # pinned host batches: copies overlap compute
         kind = self.accelerator.distributed_type
-        if kind not in SUPPORTED:
-            raise TrainingError(f"{kind.value} is not supported yet: the engine and its checkpoints are written "
-                                "for DDP (one full model per process); launch with multi_gpu or a single process")
+        if kind not in SUPPORTED or (kind == DistributedType.FSDP and not self.accelerator.is_fsdp2):
+            name = "FSDP1" if kind == DistributedType.FSDP else kind.value
+            raise TrainingError(f"{name} is not supported: the engine and its checkpoints are written for DDP and "
+                                "FSDP2; launch with multi_gpu, launch/fsdp.yaml (fsdp_version: 2) or a single process")
+        self.sharded = sharding.is_sharded(self.accelerator)
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if launcher not in ("no", cfg.run.mixed_precision):  # "no" is also accelerate's silent default
             self.accelerator.print(f"warning: the launcher asked for {launcher} precision; run.mixed_precision="
@@ -295,7 +302,7 @@ class Trainer:
             check_same_classes(streams[0].classes, streams[1].classes, f"monitor.train_shards: {m.train_shards}",
                                f"monitor.val_shards: {m.val_shards}")
         self.probe_streams = (streams[0], streams[1])
-        if m.images and self.accelerator.is_main_process:
+        if m.images and (self.accelerator.is_main_process or self.sharded):  # FSDP: every rank runs the forward
             self.probe_images = self._first_batch(m.val_shards, m.images, labeled=True)["image"].to(self.accelerator.device)
 
     def _exactly_once(self, shards: str, batch_size: int, num_workers: int, labeled: bool) -> ShardStream:
@@ -410,7 +417,7 @@ class Trainer:
             step, last = progress.step, progress.step == total
             if step % cfg.run.log_every == 0 or last:
                 self._log(monitor, window, progress, lr, flops)
-            if cfg.run.image_every and step % cfg.run.image_every == 0 and accel.is_main_process:
+            if cfg.run.image_every and step % cfg.run.image_every == 0 and (accel.is_main_process or self.sharded):
                 self._draw(monitor, model, self.fixed_batch or batch, step)
             if probe_every and (step % probe_every == 0 or last):
                 probe = self._probe(monitor, model, progress)
@@ -467,6 +474,8 @@ class Trainer:
                 accel.backward(loss / accum)
             window.add({"loss": loss.detach(), **metrics}, 1 / accum)
         grad_norm = accel.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP2: the norm of sharded gradients, a plain tensor from here on
+            grad_norm = grad_norm.full_tensor()
         found_inf = (~torch.isfinite(grad_norm)).float()  # identical on all ranks: grads are reduced
         if accel.scaler is None:  # fp16's GradScaler skips non-finite steps itself
             skip_if_nonfinite(optimizer.optimizer, found_inf)
@@ -508,17 +517,21 @@ class Trainer:
         """Evaluate every weight set the task names (trained, EMA) on the validation shards."""
         accel, task = self.accelerator, self.task
         assert self.eval_stream is not None
+        # the unwrapped module: a DDP forward on ranks with fewer batches would hang. Under FSDP2 it is
+        # the sharded module itself: every rank evaluates, with as many forwards as the others
         unwrapped = accel.unwrap_model(model)
-        unwrapped.eval()  # the unwrapped module: a DDP forward on ranks with fewer batches would hang
+        unwrapped.eval()
         scalars: dict[str, float] = {}
         first: dict[str, Any] = {}
-        for prefix, weights in task.eval_models(unwrapped).items():
-            result = evaluate(accel, lambda batch, m=weights: task.predict(m, batch), self.eval_stream,
-                              len(task.class_names) if task.class_names else None, desc=f"eval {prefix.rstrip('_') or 'model'}")
-            first = first or result
-            scalars.update({f"{prefix}{k}": result[k] for k in ("top1", "top5", "loss")})
-            if "confusion" in result and not prefix:
-                monitor.confusion(progress.step, result["confusion"])
+        with sharding.standalone_forwards(model):
+            for prefix, weights in task.eval_models(unwrapped).items():
+                result = evaluate(accel, lambda batch, m=weights: task.predict(m, batch), self.eval_stream,
+                                  len(task.class_names) if task.class_names else None,
+                                  desc=f"eval {prefix.rstrip('_') or 'model'}")
+                first = first or result
+                scalars.update({f"{prefix}{k}": result[k] for k in ("top1", "top5", "loss")})
+                if "confusion" in result and not prefix:
+                    monitor.confusion(progress.step, result["confusion"])
         unwrapped.train()
         problem = coverage_problem(first)
         if problem:
@@ -535,17 +548,18 @@ class Trainer:
         vit = self.task.encoder(accel.unwrap_model(model))
         was_training = vit.training
         vit.eval()
-        train, val = (extract_features(accel, vit, stream, desc=f"monitor {name}")
-                      for name, stream in zip(("train", "val"), self.probe_streams))
+        with sharding.standalone_forwards(model):  # under FSDP every rank runs both extractions and the maps
+            train, val = (extract_features(accel, vit, stream, desc=f"monitor {name}")
+                          for name, stream in zip(("train", "val"), self.probe_streams))
+            maps = attention_maps(vit, self.probe_images) if self.probe_images is not None else {}
         for name, features in (("train", train), ("val", val)):
             if problem := features.coverage_problem(name):
                 monitor.message(problem)
         classes = self.probe_streams[0].classes
         assert classes is not None  # labeled streams
         scores = probe_scores(train, val, len(classes), m.knn_k, m.knn_temperature, m.probe_steps)
-        if self.probe_images is not None:
-            for tag, image in attention_maps(vit, self.probe_images).items():
-                monitor.image(progress.step, f"probe/{tag}", image)
+        for tag, image in maps.items():  # the monitor writes on the main process only
+            monitor.image(progress.step, f"probe/{tag}", image)
         vit.train(was_training)
         seconds = time.perf_counter() - start
         self._probe_seconds += seconds
@@ -554,10 +568,12 @@ class Trainer:
         return scores
 
     def _draw(self, monitor: Monitor, model: nn.Module, batch: dict[str, Any], step: int) -> None:
-        # the unwrapped module: only the main process draws, and a DDP forward on one rank alone
-        # could wait on collectives forever
-        image = self.task.visualize(self.accelerator.unwrap_model(model), batch)
-        if image is not None:
+        # DDP: the unwrapped module on the main process only, since a DDP forward on one rank alone
+        # could wait on collectives forever. FSDP: every rank runs the forward (it all-gathers the
+        # parameters), on its own batch where it has no fixed one; the main process logs.
+        with sharding.standalone_forwards(model):
+            image = self.task.visualize(self.accelerator.unwrap_model(model), batch)
+        if image is not None and self.accelerator.is_main_process:
             monitor.image(step, f"{self.task.name}/examples", image)
 
     # -- state: restore and save ------------------------------------------------------------------
@@ -573,8 +589,17 @@ class Trainer:
             model.load_state_dict(checkpoint.load_weights(resume_from))
         model, optimizer = accel.prepare(model, optimizer)
         if resume_from is not None:
-            state = checkpoint.load_train_state(resume_from)
-            optimizer.optimizer.load_state_dict(state["optimizer"])
+            # mapped, not read, on the other ranks: they take rank 0's optimizer state through the
+            # process group, and read only the small entries (data positions, progress)
+            state = checkpoint.load_train_state(resume_from, mmap=not accel.is_main_process)
+            if state.get("optimizer_format") == OPTIMIZER_BY_NAME:
+                sharding.load_optimizer_state(model, optimizer, state["optimizer"] if accel.is_main_process else None)
+            elif self.sharded:
+                raise TrainingError(f"{resume_from}: its optimizer state is keyed by parameter index (saved before "
+                                    "FSDP support); resume it under DDP or in one process, and its next checkpoint "
+                                    "will load under FSDP")
+            else:
+                optimizer.optimizer.load_state_dict(state["optimizer"])
             ranks = state["data"]  # one stream position per rank: sample offsets and skip counts differ
             self.stream.load_state_dict(ranks[accel.process_index] if accel.process_index < len(ranks) else ranks[0])
             progress = Progress(**{k: state[k] for k in Progress.__dataclass_fields__ if k in state})
@@ -618,12 +643,20 @@ class Trainer:
 
     def _save(self, model: nn.Module, optimizer: Any, progress: Progress, best: bool) -> None:
         accel = self.accelerator
-        weights = accel.get_state_dict(model)  # a collective under sharding: every rank calls it
-        try:  # on every rank (DDP weights are identical), so that all ranks stop together
-            checkpoint.check_finite(weights)
-        except checkpoint.NonFiniteWeights as e:
-            raise TrainingError(f"step {progress.step}: the weights were not saved: {e}. The last checkpoint "
-                                f"is intact: {checkpoint.find_latest(self.ckpt_dir)}") from None
+        # Collectives, in this order on every rank: rank 0 receives the full weights and optimizer state
+        # (keyed by parameter name) as host snapshots that training no longer changes; the others None.
+        weights = sharding.full_model_state(model, accel)
+        optimizer_state = sharding.optimizer_state(model, optimizer)
+        problem: list[str | None] = [None]
+        if weights is not None:
+            try:
+                checkpoint.check_finite(weights)
+            except checkpoint.NonFiniteWeights as e:
+                problem = [str(e)]
+        broadcast_object_list(problem)  # rank 0 alone holds the weights: all ranks stop together
+        if problem[0]:
+            raise TrainingError(f"step {progress.step}: the weights were not saved: {problem[0]}. The last "
+                                f"checkpoint is intact: {checkpoint.find_latest(self.ckpt_dir)}")
         data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
         self.saver.wait()  # the previous write is complete (and its errors raised) before the next
         if accel.is_main_process:
@@ -639,14 +672,15 @@ class Trainer:
                 "encoder_prefix": f"{prefix}." if prefix else "", "samples": progress.samples,
                 **self.task.meta(), "config": to_dict(self.cfg),
             }
-            state = {"optimizer": optimizer.optimizer.state_dict(), "data": data,
-                     **{k: getattr(progress, k) for k in Progress.__dataclass_fields__}}
+            state = {"data": data, **{k: getattr(progress, k) for k in Progress.__dataclass_fields__}}
             if accel.scaler is not None:
                 state["scaler"] = accel.scaler.state_dict()
-            # Copied to host memory now (training goes on changing the live tensors); written to disk
-            # in the background, so that no rank waits on a slow filesystem for longer than the copy.
-            self.saver.submit(self.ckpt_dir, progress.step, checkpoint.host_copy(weights),
-                              checkpoint.host_copy(state), meta, self.cfg.run.keep_last, best=best)
+            # Copied to host memory now (training goes on changing the live tensors; weights and optimizer
+            # state are snapshots already); written to disk in the background, so that no rank waits on a
+            # slow filesystem for longer than the copy.
+            state = {**checkpoint.host_copy(state), "optimizer": optimizer_state,
+                     "optimizer_format": OPTIMIZER_BY_NAME}
+            self.saver.submit(self.ckpt_dir, progress.step, weights, state, meta, self.cfg.run.keep_last, best=best)
 
 
 class _data_errors:

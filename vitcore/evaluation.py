@@ -5,7 +5,9 @@ rank reads its own share of the validation samples (see `vitcore.data.stream` fo
 is divided, within shards when there are fewer shards than ranks). Per rank it keeps additive
 sums on the device (top-1 and top-5 hits, loss sum, predictions, images, and a confusion matrix
 when asked), then does ONE all-reduce after the loop: ranks may hold different batch counts, so
-a per-batch collective could hang.
+a per-batch collective could hang. Under FSDP the forward itself is a collective (it all-gathers
+parameters): `vitcore.sharding.even_batches` then pads ranks with fewer batches with discarded
+forwards, so that every rank runs as many as the rank with the most.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitcore.data import ShardStream
+from vitcore.sharding import even_batches
 
 # (logits (M, C), targets (M,)) for one batch: M is the batch size for classification, the number
 # of corrupted patches for MPP.
@@ -37,7 +40,8 @@ def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, nu
 
     Returns {"top1", "top5" (fractions), "loss", "count" (images), "skipped", "predictions",
     "expected"} and, with `num_classes`, "confusion": a (C, C) tensor of counts (rows: true class).
-    The caller runs `predict` on the unwrapped model in eval() under the run's precision.
+    The caller runs `predict` on the unwrapped model in eval() under the run's precision (under FSDP,
+    on every rank inside `vitcore.sharding.standalone_forwards`).
     """
     device = accelerator.device
     dtype = torch.float64 if device.type != "mps" else torch.float32
@@ -47,10 +51,12 @@ def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, nu
     skipped_before = stream.skipped
     batches = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
                    disable=not accelerator.is_main_process)
-    for batch in batches:
+    for batch, real in even_batches(accelerator, batches, len(stream)):
         batch = to_device(batch, device)
         with accelerator.autocast():
             logits, targets = predict(batch)  # (M, C), (M,)
+        if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks
+            continue
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (M, 5)
         hits = top5 == targets[:, None]  # (M, 5)

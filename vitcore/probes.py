@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from vitcore.data import ShardStream
 from vitcore.data.transforms import normalize
 from vitcore.evaluation import to_device
+from vitcore.sharding import even_batches
 from vitcore.vit import ViT
 
 FEATURES = ("cls", "patch_mean")  # the two features each probe is scored on
@@ -58,18 +59,22 @@ def extract_features(accelerator: Accelerator, vit: ViT, stream: ShardStream, de
     """[CLS] and mean patch features of every image of an exactly-once labelled stream, on every rank.
 
     `vit` is the unwrapped encoder (ranks may hold different batch counts: a DDP forward could hang);
-    the caller puts it in eval() mode.
+    the caller puts it in eval() mode. Under FSDP every rank calls this inside
+    `vitcore.sharding.standalone_forwards`, and ranks with fewer batches run stand-in forwards.
     """
     device = accelerator.device
     rows: dict[str, list[Tensor]] = {name: [] for name in FEATURES}
     labels: list[Tensor] = []
     keys: list[str] = []
     skipped_before = stream.skipped
-    for batch in tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
-                      disable=not accelerator.is_main_process):
+    batches = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
+                   disable=not accelerator.is_main_process)
+    for batch, real in even_batches(accelerator, batches, len(stream)):
         batch = to_device(batch, device)
         with accelerator.autocast():
             out = vit(normalize(batch["image"]))
+        if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks
+            continue
         rows["cls"].append(out.cls.float())  # (B, D)
         rows["patch_mean"].append(out.patches.float().mean(dim=1))  # (B, D)
         labels.append(batch["label"])

@@ -1,0 +1,150 @@
+"""FSDP2 checkpoints through `vitcore.sharding`, in two CPU processes (gloo).
+
+Accelerate turns a multi-process launch into FSDP only on accelerators: with ACCELERATE_USE_CPU=1
+it keeps DistributedType.MULTI_CPU and ignores the FSDP plugin (accelerate 1.15, state.py, the
+device list before `self.distributed_type = DistributedType.FSDP`), so a CPU launch would silently
+train under DDP. The worker sets the type to FSDP on Accelerate's shared state, after which
+Accelerate's own FSDP2 code runs (fully_shard per Block, the optimizer's parameters swapped for
+DTensors, no_sync, clip_grad_norm_), and it checks that the parameters really are sharded.
+"""
+
+import json
+import subprocess
+
+from launching import CPU_ENV, ROOT, launch_command
+
+WORKER = """
+import json, sys
+from contextlib import nullcontext
+import torch
+from accelerate import Accelerator
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
+from vitcore import checkpoint, sharding
+from vitcore.config import OptimConfig
+from vitcore.optim import build_optimizer, set_lr, skip_if_nonfinite
+from vitcore.vit import ViT, ViTConfig
+
+out = sys.argv[1]
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                        transformer_cls_names_to_wrap=["Block"], state_dict_type="FULL_STATE_DICT")
+accel = Accelerator(mixed_precision="no", fsdp_plugin=plugin)
+PartialState._shared_state["distributed_type"] = accel.state.distributed_type = DistributedType.FSDP
+accel.state.fsdp_plugin = plugin
+rank = accel.process_index
+
+def build(weights=None):
+    accel._models.clear()  # accelerate's FSDP clip_grad_norm_ looks the model up among all prepared ones
+    set_seed(0)
+    model = ViT(ViTConfig.from_variant("Pico/8", image_size=32, num_classes=10))
+    if weights is not None:  # the engine's resume: full weights into the unwrapped model, then prepare
+        model.load_state_dict(weights)
+    return accel.prepare(model, build_optimizer(model, OptimConfig()))
+
+def train(model, optimizer, steps):  # the engine's step: 2 micro-batches, clipping, the non-finite guard
+    for step in steps:
+        set_lr(optimizer, 1e-3)
+        for micro in range(2):
+            g = torch.Generator().manual_seed(100 * step + 10 * rank + micro)
+            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+            with accel.no_sync(model) if micro == 0 else nullcontext():
+                accel.backward(torch.nn.functional.cross_entropy(model(x).logits, y) / 2)
+        norm = accel.clip_grad_norm_(model.parameters(), 1.0)
+        skip_if_nonfinite(optimizer.optimizer, (~torch.isfinite(norm)).float())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return sharding.full_model_state(model, accel)
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+model, optimizer = build()
+qkv = model.blocks[0].attn.qkv.weight  # (192, 64), split by rows: 96 on each rank
+sharded = type(qkv).__name__ == "DTensor" and tuple(qkv.to_local().shape) == (96, 64)
+train(model, optimizer, range(3))
+weights, optim = sharding.full_model_state(model, accel), sharding.optimizer_state(model, optimizer)
+reference = train(model, optimizer, range(3, 5))  # uninterrupted
+if rank == 0:  # written after training on: the saved state must be a snapshot of step 3
+    checkpoint.save_checkpoint(f"{out}/ckpt", 3, weights, {"optimizer": optim}, {}, keep_last=1)
+accel.wait_for_everyone()
+
+saved_weights = checkpoint.load_weights(f"{out}/ckpt")
+state = checkpoint.load_train_state(f"{out}/ckpt")["optimizer"] if rank == 0 else None
+model, optimizer = build(saved_weights)
+sharding.load_optimizer_state(model, optimizer, state)
+before_prepare = train(model, optimizer, range(3, 5))
+
+model, optimizer = build()  # weights loaded after prepare; the same optimizer state loaded a second time
+sharding.load_full_model_state(model, saved_weights if rank == 0 else None)
+sharding.load_optimizer_state(model, optimizer, state)
+after_prepare = train(model, optimizer, range(3, 5))
+
+model, optimizer = build(saved_weights)  # control: the optimizer state not restored
+fresh = train(model, optimizer, range(3, 5))
+
+if rank == 0:
+    json.dump({"sharded": sharded, "keys": list(weights) == list(ViT(ViTConfig.from_variant("Pico/8", image_size=32, num_classes=10)).state_dict()),
+               "steps": sorted({float(s["step"]) for s in state["state"].values()}),
+               "before_prepare": max_diff(reference, before_prepare), "after_prepare": max_diff(reference, after_prepare),
+               "fresh": max_diff(reference, fresh)}, open(f"{out}/result.json", "w"))
+"""
+
+
+def test_fsdp2_checkpoint_round_trip_resumes_exactly(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    cmd = launch_command(worker, str(tmp_path))
+    result = subprocess.run(cmd, cwd=ROOT, env={**CPU_ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+
+    assert r["sharded"], "the parameters were not sharded: the run was not FSDP"
+    assert r["keys"], "the gathered weights are not keyed as the unwrapped model's"
+    assert r["steps"] == [3.0], f"the saved optimizer state is not step 3's: {r['steps']}"
+    # resuming from the checkpoint continues exactly as the uninterrupted run, whether the weights are
+    # loaded before prepare (the engine's path) or after it, and when one loaded state is used twice
+    assert r["before_prepare"] == 0.0 and r["after_prepare"] == 0.0, r
+    assert r["fresh"] > 1e-4, r  # without the optimizer state it does not: the comparison can fail
+    # what is on disk is the checkpoint module's layout, readable without unpickling code
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "latest").iterdir()) == ["meta.json", "model.safetensors",
+                                                                              "train_state.pt"]
+
+
+def test_one_process_round_trip_through_the_same_functions():
+    """Without a process group (a single-process run) the functions gather and load as under FSDP,
+    so the engine can save one format for every launch."""
+    import torch
+    from accelerate import Accelerator
+
+    from vitcore import sharding
+    from vitcore.config import OptimConfig
+    from vitcore.optim import build_optimizer
+    from vitcore.vit import ViT, ViTConfig
+
+    accel = Accelerator(cpu=True)
+
+    def build():
+        torch.manual_seed(0)
+        model = ViT(ViTConfig.from_variant("Pico/8", image_size=32, num_classes=10))
+        return accel.prepare(model, build_optimizer(model, OptimConfig()))
+
+    def train(model, optimizer, seeds):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+            torch.nn.functional.cross_entropy(model(x).logits, y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    model, optimizer = build()
+    train(model, optimizer, [0, 1])
+    weights, optim = sharding.full_model_state(model, accel), sharding.optimizer_state(model, optimizer)
+    train(model, optimizer, [2, 3])
+    assert {float(s["step"]) for s in optim["state"].values()} == {2.0}  # a snapshot, not the live steps
+
+    resumed, resumed_optimizer = build()
+    sharding.load_full_model_state(resumed, weights)
+    sharding.load_optimizer_state(resumed, resumed_optimizer, optim)
+    assert torch.equal(next(iter(weights.values())), next(resumed.parameters()))  # the snapshot: step 2's
+    train(resumed, resumed_optimizer, [2, 3])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
