@@ -44,6 +44,7 @@ def test_unknown_variant_is_a_clear_error():
 
 
 def test_every_parameter_receives_a_gradient():
+    torch.manual_seed(0)  # drop_path may drop a branch for the whole batch of 2: not with this seed
     model = ViT(ViTConfig.from_variant("Pico/8", image_size=32, num_classes=4, drop_path=0.1, dropout=0.1))
     model.train()
     out = model(torch.randn(2, 3, 32, 32))
