@@ -59,6 +59,7 @@ def test_a_signal_saves_at_the_next_step_and_the_resumed_run_matches(cifar_shard
 
 PROBE = """
 import json, os, signal, sys
+from pathlib import Path
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
