@@ -12,7 +12,7 @@ forwards, so that every rank runs as many as the rank with the most.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,16 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def device_batches(accelerator: Accelerator, stream: ShardStream, desc: str) -> Iterator[tuple[dict[str, Any], bool]]:
+    """One exactly-once pass of `stream`, batches on the device, a progress bar on the main process:
+    (batch, real) pairs, where real=False marks a stand-in that only keeps FSDP's forwards matched
+    across ranks (its results are to be discarded)."""
+    bar = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
+    for batch, real in even_batches(accelerator, bar, len(stream)):
+        yield to_device(batch, accelerator.device), real
+
+
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, num_classes: int | None = None,
              desc: str = "eval") -> dict[str, Any]:
@@ -49,10 +59,7 @@ def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, nu
     predictions, images = 0, 0  # known from shapes: counted on the host, no sync
     confusion = torch.zeros((num_classes or 0) ** 2, device=device, dtype=dtype)  # (C*C,) flattened
     skipped_before = stream.skipped
-    batches = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
-                   disable=not accelerator.is_main_process)
-    for batch, real in even_batches(accelerator, batches, len(stream)):
-        batch = to_device(batch, device)
+    for batch, real in device_batches(accelerator, stream, desc):
         with accelerator.autocast():
             logits, targets = predict(batch)  # (M, C), (M,)
         if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks

@@ -24,12 +24,10 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from vitcore.data import ShardStream
 from vitcore.data.transforms import normalize
-from vitcore.evaluation import to_device
-from vitcore.sharding import even_batches
+from vitcore.evaluation import device_batches
 from vitcore.vit import ViT
 
 FEATURES = ("cls", "patch_mean")  # the two features each probe is scored on
@@ -67,10 +65,7 @@ def extract_features(accelerator: Accelerator, vit: ViT, stream: ShardStream, de
     labels: list[Tensor] = []
     keys: list[str] = []
     skipped_before = stream.skipped
-    batches = tqdm(stream, desc=desc, total=len(stream), leave=False, dynamic_ncols=True,
-                   disable=not accelerator.is_main_process)
-    for batch, real in even_batches(accelerator, batches, len(stream)):
-        batch = to_device(batch, device)
+    for batch, real in device_batches(accelerator, stream, desc):
         with accelerator.autocast():
             out = vit(normalize(batch["image"]))
         if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks
