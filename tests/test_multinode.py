@@ -7,7 +7,6 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -75,7 +74,6 @@ def two_machines(probe: Path, args: list[str], tmp_path: Path) -> None:
         assert m.returncode == 0, err[-3000:]
 
 
-@pytest.mark.slow  # two 2-machine launches: 1-3 minutes on a 2-core CPU
 def test_two_machines_train_resume_stay_in_sync_and_only_rank0_writes(cifar_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
