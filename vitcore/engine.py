@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
@@ -37,6 +35,7 @@ from vitcore.data.stream import derive_seed
 from vitcore.evaluation import coverage_problem, evaluate, to_device
 from vitcore.monitor import Monitor
 from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
+from vitcore.preemption import PREEMPTED_EXIT, Preempted, StopSignals
 from vitcore.probes import extract_features, probe_scores
 from vitcore.vit import ViT, flops_per_image
 
@@ -110,15 +109,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
 
 
-# sysexits.h EX_TEMPFAIL: "try again later". A preempted run exits with it after its checkpoint, so
-# that a scheduler (launch/slurm.sh) requeues the job, and run.resume=auto continues it.
-PREEMPTED_EXIT = 75
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived: a checkpoint was saved and training stopped early."""
-
-
 @dataclass
 class Start:
     """Where a run starts, as rank 0 decided it (sent to every rank)."""
@@ -126,55 +116,6 @@ class Start:
     checkpoint: str | None  # the checkpoint directory to resume from; None: from scratch
     step: int
     finished: dict[str, Any] | None  # the summary of a run already complete at that step
-
-
-class StopSignals:
-    """SIGTERM and SIGUSR1 (SLURM's warning before a time limit, with `--signal`) ask the run to
-    checkpoint and stop at the next step boundary. Repeats change nothing (a scheduler may signal
-    every process of the job and relay the signal too); SIGKILL or Ctrl-C stop at once, and the last
-    complete checkpoint is intact then. Ranks may receive the signal at different steps, so they
-    agree through an all-reduce each step: on the CPU over gloo, so it never waits on the GPU,
-    started after one step and read after the next, so its latency hides behind a step's work."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, accelerator: Accelerator) -> None:
-        self.received = 0  # the first signal's number
-        self.pid = os.getpid()  # data-loader workers forked later inherit the handler: they ignore it
-        self.distributed = accelerator.num_processes > 1
-        self.group: Any = None
-        if self.distributed and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # a collective: every rank creates it here
-        self.pending: tuple[Any, torch.Tensor] | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        if self.pending is not None:
-            self.pending[0].wait()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() == self.pid and not self.received:
-            self.received = signum  # nothing else here: printing could re-enter a stream being written
-
-    def agreed(self) -> bool:
-        """Whether every rank stops now: one rank's signal stops all, one step after it arrived."""
-        if not self.distributed:
-            return bool(self.received)
-        stop = False
-        if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            stop = bool(flag.item())
-        flag = torch.tensor([self.received], dtype=torch.int32)
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
-        return stop
 
 
 def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None = None,
