@@ -4,7 +4,6 @@ shards are fewer than the (rank, worker) streams and the ranks outnumber the sam
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tarfile
 from collections import Counter
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from vitcore.data import ShardStream, eval_transform
+from vitcore.data.index import write_index
 from vitcore.data.shards import write_shards
 from vitcore.data.stream import _exactly_once_ranges
 from vitcore.data.tar import iter_tar_samples
@@ -49,7 +49,7 @@ def _split_into_shards(samples: list[tuple[str, dict[str, bytes]]], out: Path, c
         _write_tar(out / f"v-{i:06d}.tar", samples[first:first + n])
         shards.append({"name": f"v-{i:06d}.tar", "samples": n})
         first += n
-    (out / "index.json").write_text(json.dumps({"shards": shards, "total": sum(SIZES), "classes": classes}))
+    write_index(out, shards, classes)
     return out
 
 

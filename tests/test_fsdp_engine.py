@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from launching import CPU_ENV, ROOT, launch_command
+from vitcore.data.index import read_index, write_index
 from vitcore.vit import ViT, ViTConfig
 
 WORKER = """
@@ -60,12 +61,10 @@ json.dump({"shapes": sorted(shapes), "summary": summary}, open(f"{sys.argv[1]}.r
 def _uneven_shards(cifar_shards: Path, out: Path) -> Path:
     """3 of the fixture's 4 shards (64 images each): split over 2 ranks, 128 and 64 images."""
     out.mkdir()
-    index = json.loads((cifar_shards / "index.json").read_text())
-    index["shards"] = index["shards"][:3]
-    index["total"] = sum(s["samples"] for s in index["shards"])
-    for shard in index["shards"]:
+    index = read_index(cifar_shards)
+    for shard in index["shards"][:3]:
         shutil.copy(cifar_shards / shard["name"], out / shard["name"])
-    (out / "index.json").write_text(json.dumps(index))
+    write_index(out, index["shards"][:3], index["classes"])
     return out
 
 
