@@ -214,3 +214,41 @@ def test_real_cifar_subset_round_trip(tmp_path: Path) -> None:
     batches = list(stream)
     assert [b["image"].shape for b in batches] == [(50, 3, 32, 32)] * 4
     assert len(set(torch.cat([b["label"] for b in batches]).tolist())) == 10
+
+
+def test_per_class_offset_and_limit_select_from_the_seeded_order(tmp_path: Path) -> None:
+    """A class-balanced subset (`--per-class`, the few-labels arm's set) and a disjoint split of one
+    seeded order (`--limit K` / `--offset K`, the sweep's held-out images), on real CIFAR images."""
+    def labels(out: Path) -> dict[str, int]:
+        return {k: int(f["cls"]) for s in read_index(out)["shards"] for k, f in read_tar(out / s["name"]).items()}
+
+    write_shards(str(CIFAR_TAR), tmp_path / "bal", split="test", per_class=3, progress=False)
+    balanced = labels(tmp_path / "bal")
+    assert sorted(balanced.values()) == sorted(list(range(10)) * 3)
+    again = write_shards(str(CIFAR_TAR), tmp_path / "bal2", split="test", per_class=3, progress=False)
+    assert labels(tmp_path / "bal2") == balanced and again["per_class"] == 3  # seeded: the same images
+    other_seed = write_shards(str(CIFAR_TAR), tmp_path / "bal3", split="test", per_class=3, shuffle_seed=1,
+                              progress=False)
+    assert other_seed["total"] == 30 and set(labels(tmp_path / "bal3")) != set(balanced)
+
+    write_shards(str(CIFAR_TAR), tmp_path / "hold", split="test", limit=500, progress=False)
+    write_shards(str(CIFAR_TAR), tmp_path / "rest", split="test", offset=500, progress=False)
+    held_out, rest = labels(tmp_path / "hold"), labels(tmp_path / "rest")
+    assert (len(held_out), len(rest)) == (500, 1500) and not set(held_out) & set(rest)
+    with pytest.raises(ValueError, match="keeps none"):
+        write_shards(str(CIFAR_TAR), tmp_path / "none", split="test", offset=2000, progress=False)
+
+
+def test_per_class_needs_labels(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    images = [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(9)]
+    datasets.Dataset.from_dict({"img": images, "label": [0, 0, 0, 0, 1, 1, -1, -1, 2]},
+                               features=features).save_to_disk(str(tmp_path / "hf"))
+    index = write_shards(str(tmp_path / "hf"), tmp_path / "out", per_class=2, progress=False)
+    written = sorted(int(f["cls"]) for f in read_tar(tmp_path / "out" / "shard-000000.tar").values())
+    assert written == [0, 0, 1, 1, 2] and index["total"] == 5  # class 2 has one; unlabeled rows are never picked
+    (tmp_path / "plain").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "x.jpg")
+    with pytest.raises(ValueError, match="per_class needs labels"):
+        write_shards(str(tmp_path / "plain"), tmp_path / "out2", per_class=2, labeled=False, progress=False)

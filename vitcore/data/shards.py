@@ -14,6 +14,7 @@ import io
 import logging
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,26 @@ def encode_jpeg(image: bytes | Image.Image, resize: int | None, quality: int) ->
     return buf.getvalue()
 
 
-def shuffled_order(n: int, seed: int | None, limit: int | None) -> list[int]:
-    """The source positions to write, in writing order: a seeded permutation, cut to `limit`."""
+def shuffled_order(n: int, seed: int | None, limit: int | None, offset: int = 0,
+                   per_class: int | None = None, labels: Sequence[int | None] | None = None) -> list[int]:
+    """The source positions to write, in writing order: a seeded permutation; with `per_class`, only
+    the first `per_class` positions of each label in it (a class-balanced subset); then the first
+    `offset` dropped and the rest cut to `limit`. The same seed gives the same permutation, so
+    `--limit K` and `--offset K` split a source into two disjoint parts."""
     order = list(range(n))
     if seed is not None:
         random.Random(seed).shuffle(order)
+    if per_class is not None:
+        assert labels is not None
+        taken: Counter[int] = Counter()
+        balanced = []
+        for i in order:
+            label = labels[i]
+            if label is not None and taken[label] < per_class:
+                taken[label] += 1
+                balanced.append(i)
+        order = balanced
+    order = order[offset:]
     return order[:limit] if limit is not None else order
 
 
@@ -117,6 +133,8 @@ def write_shards(
     max_bytes: int | None = None,
     shuffle_seed: int | None = 0,
     limit: int | None = None,
+    offset: int = 0,
+    per_class: int | None = None,
     labeled: bool | None = None,
     download_dir: str | Path = "data",
     progress: bool = True,
@@ -124,23 +142,33 @@ def write_shards(
     """Write `source` (see `open_source`) as shards into `out_dir` and return the index it wrote.
 
     Shards roll over after `samples_per_shard` samples or before exceeding `max_bytes` (default
-    1000 samples). `shuffle_seed=None` keeps the source order. Raises FileNotFoundError for a
+    1000 samples). `shuffle_seed=None` keeps the source order. `per_class`, `offset` and `limit`
+    select from that order (see `shuffled_order`). Raises FileNotFoundError for a
     missing source and ValueError for an empty one or bad options.
     """
     if samples_per_shard is not None and max_bytes is not None:
         raise ValueError("give samples_per_shard or max_bytes, not both")
     if max_bytes is None and samples_per_shard is None:
         samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
-    sizes = {"resize": resize, "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "limit": limit}
+    sizes = {"resize": resize, "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "limit": limit,
+             "per_class": per_class}
     for name, value in sizes.items():
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
 
     out = Path(out_dir)
     with open_source(source, split=split, labeled=labeled, download_dir=download_dir) as src:
-        order = shuffled_order(len(src), shuffle_seed, limit)
+        if per_class is not None and src.classes is None:
+            raise ValueError(f"per_class needs labels, and {source} has none")
+        labels = src.labels() if per_class is not None else None
+        order = shuffled_order(len(src), shuffle_seed, limit, offset, per_class, labels)
+        if not order:
+            raise ValueError(f"nothing to write: {source} has {len(src)} samples and the selection "
+                             f"(offset {offset}, limit {limit}, per_class {per_class}) keeps none")
         out.mkdir(parents=True, exist_ok=True)
         # Until the new index is written, no index: a crash mid-rewrite must not leave an old
         # index describing a mix of old and new shards.
@@ -162,7 +190,7 @@ def write_shards(
     if not any(s["samples"] for s in shards):
         raise ValueError(f"no readable images in {source}; see {out / SKIPPED_NAME}")
     return write_index(out, shards, classes, source=source, split=split, resize=resize, quality=quality,
-                       seed=shuffle_seed, skipped=len(skipped))
+                       seed=shuffle_seed, skipped=len(skipped), limit=limit, offset=offset, per_class=per_class)
 
 
 def _sample_files(record: Record, resize: int | None, quality: int) -> dict[str, bytes]:
@@ -201,6 +229,10 @@ def _parser() -> argparse.ArgumentParser:
     order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffle before writing (default 0)")
     order.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--limit", type=int, help="write only the first N samples (after shuffling)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="skip the first N samples (after shuffling): --limit N and --offset N split a source in two")
+    p.add_argument("--per-class", type=int,
+                   help="only the first N samples of each class (after shuffling): a class-balanced subset")
     p.add_argument("--unlabeled", action="store_true", help="ignore class folders; write images only")
     p.add_argument("--download-dir", default="data", help="where torchvision datasets are downloaded")
     return p
@@ -221,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_bytes=args.max_bytes,
             shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
             limit=args.limit,
+            offset=args.offset,
+            per_class=args.per_class,
             labeled=False if args.unlabeled else None,
             download_dir=args.download_dir,
         )

@@ -58,6 +58,10 @@ class Source(ABC):
     def read(self, order: Iterable[int]) -> Iterator[Record]:
         """Yield the records at the given positions, in that order."""
 
+    @abstractmethod
+    def labels(self) -> list[int | None]:
+        """Every position's label (None: unlabeled), without reading the images."""
+
     def __iter__(self) -> Iterator[Record]:
         return self.read(range(len(self)))
 
@@ -167,14 +171,17 @@ class _PathListSource(Source):
             raise ValueError(f"no images found in {description}")
         self.description = description
         self.relpaths = relpaths
-        self.classes, self.labels = label_relpaths(relpaths, labeled)
+        self.classes, self._labels = label_relpaths(relpaths, labeled)
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
+    def labels(self) -> list[int | None]:
+        return list(self._labels)
+
     def read(self, order: Iterable[int]) -> Iterator[Record]:
         for i in order:
-            yield Record(path_key(self.relpaths[i]), self._bytes(i), self.labels[i])
+            yield Record(path_key(self.relpaths[i]), self._bytes(i), self._labels[i])
 
     @abstractmethod
     def _bytes(self, i: int) -> bytes: ...
@@ -297,6 +304,11 @@ class HFSource(Source):
     def __len__(self) -> int:
         return len(self._data)
 
+    def labels(self) -> list[int | None]:
+        if self._label_col is None:
+            return [None] * len(self._data)
+        return [None if t is None or t < 0 else int(t) for t in self._data[self._label_col]]
+
     def read(self, order: Iterable[int]) -> Iterator[Record]:
         for i in order:
             row = self._data[int(i)]
@@ -359,6 +371,14 @@ class TorchvisionSource(Source):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def labels(self) -> list[int | None]:
+        if not self.classes:
+            return [None] * len(self._data)
+        targets = getattr(self._data, "targets", None)  # CIFAR, MNIST, ImageFolder-like datasets
+        if targets is None:
+            raise ValueError(f"{self.description} does not list its labels; a per-class subset needs them")
+        return [int(t) for t in targets]
 
     def read(self, order: Iterable[int]) -> Iterator[Record]:
         for i in order:
