@@ -126,6 +126,41 @@ def test_monitor_reports_probes_and_leaves_training_unchanged(cifar_shards, tmp_
     assert summary["probe_seconds"] > 0
 
 
+def test_best_checkpoint_by_a_probe_metric(cifar_shards, tmp_path):
+    """run.best_metric names a monitor score: `checkpoints/best` is the step whose probe scored
+    highest (the first of equals), summary.json says which metric, and fine-tuning starts from it."""
+    from finetune.config import FinetuneConfig
+    from finetune.task import ClassifyTask
+    from vitcore import checkpoint
+    from vitcore.engine import main
+
+    metric = "probe/knn_top1_patch_mean"
+    summary, _ = run(tmp_path, cifar_shards, "best", f"monitor.train_shards={cifar_shards}",
+                     f"monitor.val_shards={cifar_shards}", "monitor.every=2", "monitor.num_workers=0",
+                     "monitor.batch_size=64", "monitor.probe_steps=5", f"run.best_metric={metric}")
+    rows = [json.loads(line) for line in (tmp_path / "best" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if metric in r and r["step"] > 0]  # step 0, the random init, is the reference only
+    assert [r["step"] for r in probes] == [2, 4, 6]
+    top = max(probes, key=lambda r: r[metric])  # max() keeps the first of equals
+    best = checkpoint.find_best(tmp_path / "best" / "checkpoints")
+    assert best is not None and checkpoint.load_meta(best)["step"] == top["step"]
+    assert summary["best"] == {"step": top["step"], "metric": metric, "knn_top1_patch_mean": top[metric],
+                               "checkpoint": str(best)}
+    ft = main(FinetuneConfig, ClassifyTask, [
+        "model.variant=Pico/8", "model.image_size=48", f"data.shards={cifar_shards}", "data.batch_size=16",
+        "data.num_workers=0", "eval.shards=null", "run.steps=2", "run.image_every=0", "optim.warmup_steps=1",
+        f"init_from={tmp_path / 'best' / 'checkpoints' / 'best'}", f"run.out_dir={tmp_path / 'ft'}"])
+    assert ft["steps"] == 2 and "best" not in ft  # no evaluation: no best
+    # a metric the run cannot produce stops before any work, with the key named
+    with pytest.raises(ConfigError, match="run.best_metric: probe/knn_top1_cls needs the monitor"):
+        run(tmp_path, cifar_shards, "nomonitor", "run.best_metric=probe/knn_top1_cls")
+    with pytest.raises(ConfigError, match="run.best_metric: 'top1' is not val/<name> or probe/<name>"):
+        load_config(PretrainConfig, None, ["run.best_metric=top1"])
+    with pytest.raises(ConfigError, match="run.best_mode: 'up' is not one of max, min"):
+        load_config(PretrainConfig, None, ["run.best_mode=up"])
+    assert not (tmp_path / "nomonitor").exists()
+
+
 FEATURES_PROBE = """
 import sys, torch
 from accelerate import Accelerator

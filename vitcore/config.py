@@ -122,6 +122,11 @@ class RunConfig:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model
     eval_every: int = 0  # evaluate on eval.shards every N steps (and always at the end); 0: at the end only
+    # The metric that picks checkpoints/best, a metrics.jsonl key: val/<name> from the evaluation
+    # (val/top1, val/loss, ...) or probe/<name> from the monitor (probe/linear_top1_cls, ...);
+    # null: val/top1 when the run evaluates, else no best checkpoint
+    best_metric: str | None = None
+    best_mode: str = "max"  # max | min: which direction of best_metric is better
     # How long a rank waits in a collective before the run fails (torch's default is 10 min for NCCL):
     # covers the slowest wait there is, rank 0 reading a checkpoint or a shard index on a slow filesystem.
     collective_timeout_s: int = 1800
@@ -135,6 +140,10 @@ class RunConfig:
         check(self.image_every >= 0, f"{key}.image_every", "must be >= 0 (0 disables)")
         check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0 (0: only at the end)")
         check(self.collective_timeout_s > 0, f"{key}.collective_timeout_s", "must be positive")
+        check(self.best_metric is None or (self.best_metric.partition("/")[0] in ("val", "probe")
+                                           and "/" in self.best_metric.strip("/")),
+              f"{key}.best_metric", f"{self.best_metric!r} is not val/<name> or probe/<name>")
+        check(self.best_mode in ("max", "min"), f"{key}.best_mode", f"{self.best_mode!r} is not one of max, min")
         check(bool(self.resume), f"{key}.resume", "must be auto, never or a checkpoint directory")
 
 

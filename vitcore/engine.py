@@ -155,7 +155,7 @@ class Progress:
     step: int = 0
     samples: int = 0
     nonfinite_steps: int = 0
-    best_top1: float = -1.0  # of the trained weights at an evaluation; -1: none yet
+    best_value: float | None = None  # of run.best_metric, at the step that reached it; None: none yet
     best_step: int = 0
     probe_start: dict[str, float] = field(default_factory=dict)  # the monitor's scores at step 0
 
@@ -232,6 +232,11 @@ class Trainer:
         monitor = getattr(cfg, "monitor", None)
         if monitor is not None and monitor.enabled:
             self._build_probe_streams(monitor)
+        self.best_metric = cfg.run.best_metric or ("val/top1" if self.eval_stream is not None else None)
+        section = (cfg.run.best_metric or "").partition("/")[0]
+        if (section == "val" and self.eval_stream is None) or (section == "probe" and self.probe_streams is None):
+            raise ConfigError(f"run.best_metric: {cfg.run.best_metric} needs "
+                              f"{'eval.shards' if section == 'val' else 'the monitor (monitor.train_shards)'}")
 
     def _build_probe_streams(self, m: Any) -> None:
         """Exactly-once labelled streams for the monitor's probes; bad shards stop here, before any work."""
@@ -360,14 +365,14 @@ class Trainer:
                 self._log(monitor, window, progress, lr, flops)
             if cfg.run.image_every and step % cfg.run.image_every == 0 and (accel.is_main_process or self.sharded):
                 self._draw(monitor, model, self.fixed_batch or batch, step)
+            scores: dict[str, float] = {}  # this step's metrics that can pick the best checkpoint
             if probe_every and (step % probe_every == 0 or last):
                 probe = self._probe(monitor, model, progress)
-            is_best = False
+                scores.update({f"probe/{k}": v for k, v in probe.items()})
             if self.eval_stream is not None and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or last):
                 evaluation = self._evaluate(monitor, model, progress)
-                is_best = evaluation["top1"] > progress.best_top1
-                if is_best:
-                    progress.best_top1, progress.best_step = evaluation["top1"], step
+                scores.update({f"val/{k}": v for k, v in evaluation.items() if isinstance(v, float)})
+            is_best = self._improves(scores, progress)
             stop = signals.agreed()  # every rank stops at the same step, whichever got the signal
             if step % cfg.run.ckpt_every == 0 or last or is_best or stop:
                 progress.nonfinite_steps = int(window.nonfinite.item())
@@ -382,6 +387,7 @@ class Trainer:
         throughput = (progress.step - start_step) * per_step / max(time.perf_counter() - start_time, 1e-9)
         summary = {"stage": task.name, "steps": progress.step, "samples": progress.samples,
                    "img_s": round(throughput, 2), "processes": accel.num_processes,
+                   "train_flops": flops * progress.samples,  # the run's training compute, machine-independent
                    "nonfinite_steps": int(window.nonfinite.item()), "skipped_samples": self.stream.skipped,
                    "checkpoint": str(checkpoint.find_latest(self.ckpt_dir)), "columns": task.report_columns}
         if probe:
@@ -392,10 +398,23 @@ class Trainer:
             summary["eval"] = {k: evaluation[k] for k in ("top1", "top5", "count", "loss", "skipped")}
             summary.update({f"eval_{p.rstrip('_')}": {"top1": evaluation[f"{p}top1"], "top5": evaluation[f"{p}top5"]}
                             for p in self._eval_prefixes() if p})
+        if progress.best_value is not None:
             best = checkpoint.find_best(self.ckpt_dir)
-            summary["best"] = {"step": progress.best_step, "top1": progress.best_top1,
-                               "checkpoint": str(best) if best else None}
+            metric = self.best_metric or ""  # the value under the metric's own name: "top1" for val/top1
+            summary["best"] = {"step": progress.best_step, "metric": metric,
+                               metric.partition("/")[2]: progress.best_value, "checkpoint": str(best) if best else None}
         return monitor.close(summary)
+
+    def _improves(self, scores: dict[str, float], progress: Progress) -> bool:
+        """Whether this step's `run.best_metric` beats the best so far (then it is the best)."""
+        metric, best = self.best_metric, progress.best_value
+        value = scores.get(metric) if metric else None
+        if value is None:
+            return False
+        if best is not None and not (value > best if self.cfg.run.best_mode == "max" else value < best):
+            return False
+        progress.best_value, progress.best_step = value, progress.step
+        return True
 
     def _train_step(self, model: nn.Module, optimizer: Any, batches: Iterator[dict[str, Any]], window: Window,
                     step: int) -> tuple[float, dict[str, Any]]:
