@@ -21,11 +21,15 @@ LAUNCH     := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 \
 DATASET    ?= $(IMAGENETTE)
 EXP_DATA   ?= $(if $(filter $(IMAGENETTE),$(DATASET)),$(DEMO_DATA),data/experiment)
 EXP_RUNS   ?= runs/experiment
-EXP_PRETRAIN_STEPS ?= 2000
-EXP_FT_STEPS       ?= 300
-SEEDS      ?= 0 1
+EXP_PRETRAIN_STEPS ?= 1000
+EXP_FT_SIZE        ?= 64
+EXP_FT_STEPS       ?= 1000
+EXP_FT10_STEPS     ?= 300
+EXP_EVAL_EVERY     ?= 250
+EXP_PER_CLASS      ?= 95
+SEEDS      ?= 0
 
-.PHONY: setup test test-all demo experiment ablations bench clean
+.PHONY: setup test test-all demo experiment sweep ablations bench clean
 
 setup: $(VENV)/.installed
 
@@ -41,45 +45,91 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -m ''
 
-# The whole pipeline: MPP pretraining at 64 px (its encoder's kNN and linear-probe top-1 monitored
-# on a labelled subset), fine-tuning of that encoder at 96 px (position embeddings 8x8 -> 12x12),
-# the same fine-tuning from scratch, and the results table.
+# The whole pipeline: MPP pretraining at 48 px (its encoder's kNN and linear-probe top-1 monitored
+# on a labelled subset), fine-tuning of that encoder at 64 px (position embeddings 6x6 -> 8x8), the
+# same fine-tuning from scratch with the same total training compute (pretraining + fine-tuning
+# FLOPs: more steps), and the results table.
 DEMO_SETS := $(foreach s,train val monitor-train monitor-val,$(DEMO_DATA)/$(s)/index.json)
+DEMO_FT   := $(LAUNCH) finetune/run.py data.shards=$(DEMO_DATA)/train eval.shards=$(DEMO_DATA)/val
 demo: setup $(DEMO_SETS)
 	rm -rf $(DEMO_RUNS)
 	$(LAUNCH) pretrain/run.py data.shards=$(DEMO_DATA)/train eval.shards=$(DEMO_DATA)/val \
 	    run.out_dir=$(DEMO_RUNS)/pretrain $(MONITOR)
-	$(LAUNCH) finetune/run.py init_from=$(DEMO_RUNS)/pretrain/checkpoints/latest data.shards=$(DEMO_DATA)/train \
-	    eval.shards=$(DEMO_DATA)/val run.out_dir=$(DEMO_RUNS)/pretrained
-	$(LAUNCH) finetune/run.py init_from=null data.shards=$(DEMO_DATA)/train eval.shards=$(DEMO_DATA)/val \
-	    run.out_dir=$(DEMO_RUNS)/scratch
+	$(DEMO_FT) init_from=$(DEMO_RUNS)/pretrain/checkpoints/latest run.out_dir=$(DEMO_RUNS)/pretrained
+	$(DEMO_FT) init_from=null run.out_dir=$(DEMO_RUNS)/scratch_same_compute \
+	    run.steps=$$($(PY) -m finetune.compare steps $(DEMO_RUNS)/pretrain $(DEMO_RUNS)/pretrained)
 	$(PY) -m vitcore.report pretrain=$(DEMO_RUNS)/pretrain pretrained=$(DEMO_RUNS)/pretrained \
-	    scratch=$(DEMO_RUNS)/scratch --out $(DEMO_RUNS)/results
+	    scratch_same_compute=$(DEMO_RUNS)/scratch_same_compute --gain pretrained,scratch_same_compute \
+	    --out $(DEMO_RUNS)/results
 
-# The demo's pipeline with budgets that mean something (about 55 minutes on 2 CPU cores): longer
-# pretraining, fine-tuning pretrained and from scratch for each seed, linear probes of the
-# pretrained and of a randomly initialised encoder, the table and the README's figures.
+# `make experiment`: does MPP pretraining help, at a budget that means something (about 90 minutes on
+# 2 CPU cores, one seed)? One MPP pretraining at 48 px on every training image (labels unused), then
+# for each seed and each label regime (all labels; a class-balanced 10%), fine-tuning at 64 px from
+# that encoder, from scratch with the same fine-tuning steps, and from scratch with the same total
+# training compute (pretraining + fine-tuning FLOPs), plus linear probes of the MPP and of a random
+# encoder; then the results table, the compute figure and docs/experiment-results.json.
+# The learning rates and warmups are `make sweep`'s choice (configs/finetune/experiment_*.yaml).
 EXP_SHARDS := data.shards=$(EXP_DATA)/train eval.shards=$(EXP_DATA)/val
-FT := $(LAUNCH) finetune/run.py
-PROBE := $(LAUNCH) finetune/run.py --config configs/finetune/linear_probe.yaml $(EXP_SHARDS)
-experiment: setup $(foreach s,train val monitor-train monitor-val,$(EXP_DATA)/$(s)/index.json)
-	rm -rf $(EXP_RUNS)
+EXP_10PCT  := data.shards=$(EXP_DATA)/train-10pct eval.shards=$(EXP_DATA)/val
+EXP_FT     = $(LAUNCH) finetune/run.py --config configs/finetune/experiment_$(1).yaml
+PRETRAINED_FT := $(call EXP_FT,pretrained) init_from=$(EXP_RUNS)/pretrain run.eval_every=$(EXP_EVAL_EVERY)
+SCRATCH_FT    := $(call EXP_FT,scratch) init_from=null run.eval_every=$(EXP_EVAL_EVERY)
+PROBE := $(LAUNCH) finetune/run.py --config configs/finetune/linear_probe.yaml $(EXP_SHARDS) model.image_size=$(EXP_FT_SIZE)
+MATCH := $(PY) -m finetune.compare steps $(EXP_RUNS)/pretrain
+EXP_SETS := $(foreach s,train val train-10pct monitor-train monitor-val,$(EXP_DATA)/$(s)/index.json)
+
+# The pretraining is kept between runs of `make experiment` (and shared with `make sweep`): delete
+# $(EXP_RUNS)/pretrain to redo it.
+$(EXP_RUNS)/pretrain/summary.json: | setup $(EXP_SETS)
 	$(LAUNCH) pretrain/run.py data.shards=$(EXP_DATA)/train eval.shards=$(EXP_DATA)/val \
 	    run.out_dir=$(EXP_RUNS)/pretrain run.steps=$(EXP_PRETRAIN_STEPS) run.eval_every=500 \
-	    monitor.train_shards=$(EXP_DATA)/monitor-train monitor.val_shards=$(EXP_DATA)/monitor-val
+	    monitor.train_shards=$(EXP_DATA)/monitor-train monitor.val_shards=$(EXP_DATA)/monitor-val monitor.every=250
+
+experiment: setup $(EXP_SETS) $(EXP_RUNS)/pretrain/summary.json
+	rm -rf $(filter-out $(EXP_RUNS)/pretrain,$(wildcard $(EXP_RUNS)/*))
 	for seed in $(SEEDS); do \
-	  $(FT) $(EXP_SHARDS) init_from=$(EXP_RUNS)/pretrain run.out_dir=$(EXP_RUNS)/pretrained-s$$seed run.seed=$$seed \
-	      run.steps=$(EXP_FT_STEPS) run.eval_every=100 || exit 1; \
-	  $(FT) $(EXP_SHARDS) init_from=null run.out_dir=$(EXP_RUNS)/scratch-s$$seed run.seed=$$seed \
-	      run.steps=$(EXP_FT_STEPS) run.eval_every=100 || exit 1; \
+	  for regime in all 10pct; do \
+	    if [ $$regime = all ]; then data="$(EXP_SHARDS)"; steps=$(EXP_FT_STEPS); out=$(EXP_RUNS); \
+	    else data="$(EXP_10PCT)"; steps=$(EXP_FT10_STEPS); out=$(EXP_RUNS)/labels_10pct; fi; \
+	    $(PRETRAINED_FT) $$data run.out_dir=$$out/pretrained-s$$seed run.seed=$$seed run.steps=$$steps || exit 1; \
+	    $(SCRATCH_FT) $$data run.out_dir=$$out/scratch-s$$seed run.seed=$$seed run.steps=$$steps || exit 1; \
+	    matched=$$($(MATCH) $$out/pretrained-s$$seed) || exit 1; \
+	    $(SCRATCH_FT) $$data run.out_dir=$$out/scratch_same_compute-s$$seed run.seed=$$seed run.steps=$$matched || exit 1; \
+	  done; \
 	done
 	$(PROBE) init_from=$(EXP_RUNS)/pretrain run.out_dir=$(EXP_RUNS)/probe-pretrained
 	$(PROBE) init_from=null run.out_dir=$(EXP_RUNS)/probe-random
-	$(PY) -m vitcore.report pretrain=$(EXP_RUNS)/pretrain \
-	    $(foreach s,$(SEEDS),pretrained-s$(s)=$(EXP_RUNS)/pretrained-s$(s) scratch-s$(s)=$(EXP_RUNS)/scratch-s$(s)) \
-	    probe-pretrained=$(EXP_RUNS)/probe-pretrained probe-random=$(EXP_RUNS)/probe-random --out $(EXP_RUNS)/results
+	$(PY) -m finetune.compare results $(EXP_RUNS) --seeds $(SEEDS) --out $(EXP_RUNS)/results
+	cp $(EXP_RUNS)/results.json docs/experiment-results.json
+	cp $(EXP_RUNS)/figures/compute.png docs/figures/experiment_compute.png
 	$(PY) -m vitcore.plots --out $(EXP_RUNS)/figures pretrain=$(EXP_RUNS)/pretrain \
-	    $(foreach s,$(SEEDS),pretrained-s$(s)=$(EXP_RUNS)/pretrained-s$(s) scratch-s$(s)=$(EXP_RUNS)/scratch-s$(s))
+	    $(foreach s,$(SEEDS),pretrained-s$(s)=$(EXP_RUNS)/pretrained-s$(s) scratch_same_compute-s$(s)=$(EXP_RUNS)/scratch_same_compute-s$(s))
+
+# The search behind the experiment's recipes, the same for both arms: peak lr, then warmup at the
+# best lr, each fine-tuned for SWEEP_STEPS on the training images minus a held-out 1,000 and
+# scored on those 1,000 (never on the validation set the results report).
+SWEEP_RUNS  ?= runs/sweep
+SWEEP_STEPS ?= 200
+SWEEP_LRS   ?= 5e-4 1e-3 2e-3
+SWEEP_WARMUPS ?= 10 100
+SWEEP_DATA  := data.shards=$(EXP_DATA)/sweep-train eval.shards=$(EXP_DATA)/sweep-holdout run.steps=$(SWEEP_STEPS) \
+               run.eval_every=0 run.image_every=0
+sweep: setup $(EXP_DATA)/sweep-train/index.json $(EXP_DATA)/sweep-holdout/index.json $(EXP_RUNS)/pretrain/summary.json
+	rm -rf $(SWEEP_RUNS)
+	for arm in pretrained scratch; do \
+	  if [ $$arm = pretrained ]; then init=$(EXP_RUNS)/pretrain; else init=null; fi; \
+	  for lr in $(SWEEP_LRS); do \
+	    $(call EXP_FT,$$arm) $(SWEEP_DATA) init_from=$$init optim.lr=$$lr run.out_dir=$(SWEEP_RUNS)/$$arm/lr$$lr \
+	        || exit 1; \
+	  done; \
+	  best=$$($(PY) -m finetune.compare best $(SWEEP_RUNS)/$$arm/lr*) || exit 1; \
+	  lr=$$(sed -n 's/^  lr: //p' $$best/config.yaml); \
+	  for w in $(SWEEP_WARMUPS); do \
+	    $(call EXP_FT,$$arm) $(SWEEP_DATA) init_from=$$init optim.lr=$$lr optim.warmup_steps=$$w \
+	        run.out_dir=$(SWEEP_RUNS)/$$arm/lr$$lr-warmup$$w || exit 1; \
+	  done; \
+	done
+	$(PY) -m finetune.compare sweep $(SWEEP_RUNS) --out $(SWEEP_RUNS)/results
 
 # The paper's ablation at the demo's budget (run `make demo` first: its runs are the reference):
 # the corruption mix (100% [mask] instead of 80/10/10) and the target (4x4 sub-patch colours,
@@ -87,7 +137,7 @@ experiment: setup $(foreach s,train val monitor-train monitor-val,$(EXP_DATA)/$(
 ABLATIONS := mask100:mpp.mask_prob=1.0,mpp.random_prob=0.0,mpp.keep_prob=0.0 \
              downsampled:mpp.target=downsampled pixels:mpp.target=pixels,eval.shards=null
 ablations: setup $(DEMO_DATA)/train/index.json $(DEMO_DATA)/val/index.json
-	@test -f $(DEMO_RUNS)/scratch/summary.json || { echo "error: run make demo first (its runs are the reference)"; exit 1; }
+	@test -f $(DEMO_RUNS)/scratch_same_compute/summary.json || { echo "error: run make demo first (its runs are the reference)"; exit 1; }
 	for ab in $(ABLATIONS); do \
 	  name=$${ab%%:*}; args=$$(echo $${ab#*:} | tr , ' '); rm -rf $(DEMO_RUNS)/ablation-$$name; \
 	  $(LAUNCH) pretrain/run.py data.shards=$(DEMO_DATA)/train eval.shards=$(DEMO_DATA)/val \
@@ -97,15 +147,26 @@ ablations: setup $(DEMO_DATA)/train/index.json $(DEMO_DATA)/val/index.json
 	done
 	$(PY) -m vitcore.report "mean colour, 80/10/10 (demo)=$(DEMO_RUNS)/pretrained" \
 	    $(foreach ab,$(ABLATIONS),$(firstword $(subst :, ,$(ab)))=$(DEMO_RUNS)/ablation-$(firstword $(subst :, ,$(ab)))/finetune) \
-	    scratch=$(DEMO_RUNS)/scratch --out $(DEMO_RUNS)/ablations
+	    scratch_same_compute=$(DEMO_RUNS)/scratch_same_compute --out $(DEMO_RUNS)/ablations
 
 # Shards pre-resized to 112 px (shorter side): decoding costs little next to training, and the
-# 96 px fine-tuning crops still come from real pixels.
+# fine-tuning crops (64 px; up to 112 px for other recipes) still come from real pixels.
 $(DEMO_DATA)/%/index.json: | setup
 	$(PY) -m vitcore.data.shards --source $(IMAGENETTE) --split $* --resize 112 --out $(DEMO_DATA)/$*
 
 data/experiment/%/index.json: | setup
 	$(PY) -m vitcore.data.shards --source $(DATASET) --split $* --resize 112 --out data/experiment/$*
+
+# The experiment's few-labels set: the first EXP_PER_CLASS images of every class in a seeded shuffle
+# of the training split (95 per class: 10% of Imagenette's labels); the sweep's split: the seeded
+# shuffle of the training split cut into its first 1,000 images (held out) and the rest.
+$(EXP_DATA)/train-10pct/index.json: | setup
+	$(PY) -m vitcore.data.shards --source $(DATASET) --split train --resize 112 --per-class $(EXP_PER_CLASS) \
+	    --out $(EXP_DATA)/train-10pct
+$(EXP_DATA)/sweep-train/index.json: | setup
+	$(PY) -m vitcore.data.shards --source $(DATASET) --split train --resize 112 --offset 1000 --out $(EXP_DATA)/sweep-train
+$(EXP_DATA)/sweep-holdout/index.json: | setup
+	$(PY) -m vitcore.data.shards --source $(DATASET) --split train --resize 112 --limit 1000 --out $(EXP_DATA)/sweep-holdout
 
 # The monitor's sets: the first MONITOR_<split> images of a seeded shuffle of the split (make picks
 # these rules over the ones above: their stem is shorter)
@@ -118,7 +179,7 @@ data/experiment/monitor-%/index.json: | setup
 	    --out data/experiment/monitor-$*
 
 bench: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(filter-out benchmarks/gpu_check.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs data benchmarks/results .pytest_cache

@@ -102,7 +102,7 @@ def _cli(schema, argv):
 
 def _fake_checkpoints(root, *paths):
     """Empty stand-ins where `init_from` looks, so that finetune configs pass validation."""
-    for path in (DEMO_PRETRAINED, *paths):
+    for path in (DEMO_PRETRAINED, *(p for p in paths if p is not None)):  # None: from scratch
         (root / path).mkdir(parents=True, exist_ok=True)
         for name in ("meta.json", "model.safetensors"):
             (root / path / name).touch()

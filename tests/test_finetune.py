@@ -246,21 +246,32 @@ def test_the_small_data_recipe_pieces_run_together(cifar_shards, val_shards, pre
 
 def test_the_demo_pipeline_end_to_end_on_real_images(cifar_shards, val_shards, tmp_path):
     """`make demo`, shortened: MPP pretraining, fine-tuning of that encoder at a higher resolution,
-    the same fine-tuning from scratch, and the results table with its JSON and markdown."""
+    from scratch with the same total training compute (steps from `finetune.compare steps`), and the
+    results table with its JSON and markdown."""
+    from finetune.compare import matched_steps
     from vitcore.report import main as report
 
     runs = tmp_path / "demo"
     main(PretrainConfig, MPPTask, [f"data.shards={cifar_shards}", f"eval.shards={val_shards}", "model.variant=Pico/8",
                                    "model.image_size=32", "data.batch_size=16", "data.num_workers=0", "run.steps=4",
                                    "optim.warmup_steps=1", f"run.out_dir={runs / 'pretrain'}"])
-    for name, init in (("pretrained", runs / "pretrain"), ("scratch", "null")):
-        main(FinetuneConfig, ClassifyTask, overrides(cifar_shards, val_shards, runs / name, init_from=init))
-    report([f"pretrain={runs / 'pretrain'}", f"pretrained={runs / 'pretrained'}", f"scratch={runs / 'scratch'}",
+    main(FinetuneConfig, ClassifyTask, overrides(cifar_shards, val_shards, runs / "pretrained", init_from=runs / "pretrain"))
+    steps = matched_steps(runs / "pretrain", runs / "pretrained")
+    summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("pretrain", "pretrained")}
+    assert steps > summaries["pretrained"]["steps"]  # the pretraining's compute buys extra scratch steps
+    main(FinetuneConfig, ClassifyTask, overrides(cifar_shards, val_shards, runs / "scratch_same_compute",
+                                                 init_from="null", **{"run.steps": steps}))
+    report([f"pretrain={runs / 'pretrain'}", f"pretrained={runs / 'pretrained'}",
+            f"scratch_same_compute={runs / 'scratch_same_compute'}", "--gain", "pretrained,scratch_same_compute",
             "--out", str(runs / "results")])
     results = json.loads((runs / "results.json").read_text())
-    for name in ("pretrained", "scratch"):
+    for name in ("pretrained", "scratch_same_compute"):
         assert 0 <= results[name]["top1"] <= results[name]["top5"] <= 1 and results[name]["count"] == 100
-    assert results["gain_top1"] == results["pretrained"]["top1"] - results["scratch"]["top1"]
+    gain = results["gains"]["pretrained - scratch_same_compute"]
+    assert gain == results["pretrained"]["top1"] - results["scratch_same_compute"]["top1"]
+    spent = results["pretrain"]["train_flops"] + results["pretrained"]["train_flops"]
+    assert abs(results["scratch_same_compute"]["train_flops"] / spent - 1) < 0.1
     assert results["pretrain"]["stage"] == "pretrain" and "baseline_acc" in results["pretrain"]
     table = (runs / "results.md").read_text()
-    assert "| pretrained " in table and "| scratch " in table and "most-frequent-colour acc" in table
+    assert "| pretrained " in table and "| scratch_same_compute " in table and "most-frequent-colour acc" in table
+    assert "PFLOP" in table and "pretrained - scratch_same_compute:" in table

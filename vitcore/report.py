@@ -4,8 +4,8 @@
 
 Reads each run's summary.json and metrics.jsonl (nothing is recomputed), so the numbers printed
 are the ones the run logged. `--out` also writes the table to PREFIX.md and the numbers to
-PREFIX.json as {NAME: {"top1": ..., "top5": ..., ...}} (fractions), with "gain_top1" when runs
-are named `pretrained` and `scratch`.
+PREFIX.json as {NAME: {"top1": ..., "top5": ..., ...}} (fractions). `--gain A,B` (repeatable) adds
+"gains": {"A - B": top-1 of A minus top-1 of B}, a line each under the table.
 """
 
 from __future__ import annotations
@@ -54,11 +54,12 @@ def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 def table(runs: list[dict[str, Any]]) -> str:
     cols = columns(runs)
-    header = ["run", "stage", "steps", "images", "wall", "img/s"] + [c[0] for c in cols]
+    header = ["run", "stage", "steps", "images", "compute", "wall", "img/s"] + [c[0] for c in cols]
     lines = []
     for r in runs:
         s = r["summary"]
-        cells = [r["run"], s.get("stage", "?"), str(s.get("steps", "?")), str(s.get("samples", "?")),
+        flops = f"{s['train_flops'] / 1e15:.2f} PFLOP" if "train_flops" in s else "?"
+        cells = [r["run"], s.get("stage", "?"), str(s.get("steps", "?")), str(s.get("samples", "?")), flops,
                  f"{s.get('wall_time_s', 0) / 60:.1f} min", f"{s.get('img_s', 0):.0f}"]
         for _, key, fmt in cols:
             if key not in r["last"]:
@@ -78,20 +79,23 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join([fmt_row(header), sep, *map(fmt_row, lines)])
 
 
-def numbers(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The table's numbers as plain JSON: per run its stage, steps, wall time, throughput, final
-    evaluation (top1, top5, count as fractions/counts) and the columns' values."""
+def numbers(runs: list[dict[str, Any]], gains: list[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The table's numbers as plain JSON: per run its stage, steps, training FLOPs, wall time,
+    throughput, final evaluation (top1, top5, count as fractions/counts) and the columns' values;
+    for each (a, b) of `gains`, a's top-1 minus b's under "gains"."""
     out: dict[str, Any] = {}
     for r in runs:
         s = r["summary"]
-        entry = {k: s.get(k) for k in ("stage", "steps", "samples", "wall_time_s", "img_s")}
+        entry = {k: s.get(k) for k in ("stage", "steps", "samples", "train_flops", "wall_time_s", "img_s")}
         entry.update({k: v for k, v in (s.get("eval") or {}).items() if k in ("top1", "top5", "count")})
         entry.update({key: r["last"][key] for _, key, _ in columns(runs) if key in r["last"]})
         if s.get("eval_ema"):
             entry["ema"] = s["eval_ema"]
         out[r["run"]] = entry
-    if "top1" in out.get("pretrained", {}) and "top1" in out.get("scratch", {}):
-        out["gain_top1"] = out["pretrained"]["top1"] - out["scratch"]["top1"]
+    for a, b in gains:
+        if "top1" not in out.get(a, {}) or "top1" not in out.get(b, {}):
+            raise ValueError(f"--gain {a},{b}: both runs need a final evaluation (top1)")
+        out.setdefault("gains", {})[f"{a} - {b}"] = out[a]["top1"] - out[b]["top1"]
     return out
 
 
@@ -99,7 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print a results table for finished runs.")
     parser.add_argument("runs", nargs="+", metavar="[NAME=]RUN_DIR")
     parser.add_argument("--out", type=Path, help="also write the table to OUT.md and the numbers to OUT.json")
+    parser.add_argument("--gain", action="append", default=[], metavar="A,B",
+                        help="report run A's val top-1 minus run B's (repeatable)")
     args = parser.parse_args(argv)
+    gains = [tuple(g.split(",", 1)) for g in args.gain]
+    if any(len(g) != 2 for g in gains):
+        parser.error("--gain takes two run names: A,B")
     named = [item.split("=", 1) if "=" in item else [None, item] for item in args.runs]
     try:
         runs = [read_run(Path(path), name) for name, path in named]
@@ -111,15 +120,18 @@ def main(argv: list[str] | None = None) -> None:
     if any("probe" in r["summary"] for r in runs):
         notes.append("kNN / linear probe: top-1 of the encoder's features on the monitor's labelled sets at the "
                      "end of pretraining; (from ...) is the randomly initialised encoder's.")
-    gain = numbers(runs).get("gain_top1")
-    if gain is not None:
-        notes.append(f"Pretrained vs scratch: {gain * 100:+.1f} points of val top-1.")
+    try:
+        result = numbers(runs, gains)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    notes.append("compute: the run's training FLOPs (FLOPs per image x images trained on).")
+    notes += [f"{pair}: {gain * 100:+.1f} points of val top-1." for pair, gain in result.get("gains", {}).items()]
     print(text + "\n\n" + "\n".join(notes))
     print(f"TensorBoard: tensorboard --logdir {Path(named[0][1]).parent}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out.with_suffix(".md"), text + "\n\n" + "\n".join(notes) + "\n")
-        atomic_write_text(args.out.with_suffix(".json"), json.dumps(numbers(runs), indent=2) + "\n")
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""finetune.compare: the experiment's results.json, its table in the README, the compute match."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.compare import main, markdown, matched_steps, results
+
+
+def fake_run(run: Path, top1: float, steps: int, flops_per_step: float, wall: float) -> None:
+    """A finished run as the engine leaves it: summary.json and evaluation rows in metrics.jsonl."""
+    run.mkdir(parents=True)
+    summary = {"stage": "finetune", "steps": steps, "train_flops": flops_per_step * steps, "wall_time_s": wall,
+               "eval": {"top1": top1, "top5": min(1.0, top1 + 0.3), "count": 100}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = [{"step": s, "samples": 64 * s, "val/top1": top1 * s / steps} for s in (steps // 2, steps)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fake_experiment(exp: Path, seeds: list[str]) -> None:
+    fake_run(exp / "pretrain", 0.3, 100, 2e12, 60.0)
+    for folder in ("", "labels_10pct"):
+        for i, seed in enumerate(seeds):
+            fake_run(exp / folder / f"pretrained-s{seed}", 0.6 + 0.01 * i, 50, 1e12, 30.0)
+            fake_run(exp / folder / f"scratch-s{seed}", 0.4, 50, 1e12, 30.0)
+            fake_run(exp / folder / f"scratch_same_compute-s{seed}", 0.5 - 0.02 * i, 250, 1e12, 150.0)
+    fake_run(exp / "probe-pretrained", 0.45, 20, 1e11, 10.0)
+    fake_run(exp / "probe-random", 0.35, 20, 1e11, 10.0)
+
+
+def test_matched_steps_spend_the_pretraining_compute_on_more_steps(tmp_path):
+    fake_run(tmp_path / "pre", 0.3, 100, 2e12, 60.0)  # 2e14 FLOPs
+    fake_run(tmp_path / "ft", 0.6, 50, 1e12, 30.0)  # 5e13 FLOPs, 1e12 a step
+    assert matched_steps(tmp_path / "pre", tmp_path / "ft") == 250
+
+
+def test_results_have_every_arm_regime_and_gain(tmp_path):
+    exp = tmp_path / "exp"
+    fake_experiment(exp, ["0", "1"])
+    res = results(exp, ["0", "1"])
+    for entry in (res, res["labels_10pct"]):
+        for arm in ("pretrained", "scratch", "scratch_same_compute"):
+            assert set(entry[arm]) >= {"top1", "top5", "per_seed", "train_flops", "wall_s"}
+        # the pretrained arm's compute and wall time include the pretraining's
+        assert entry["pretrained"]["train_flops"] == 2e14 + 5e13 and entry["pretrained"]["wall_s"] == 90.0
+        assert entry["scratch_same_compute"]["train_flops"] == entry["pretrained"]["train_flops"]
+        assert entry["pretrained"]["top1"] == pytest.approx(0.605)  # the mean over seeds
+        assert entry["gains"]["same_finetune_budget"] == pytest.approx(0.605 - 0.4)
+        assert entry["gains"]["same_compute"] == pytest.approx(0.605 - 0.49)
+        assert entry["gains"]["same_compute_per_seed"] == pytest.approx({"0": 0.1, "1": 0.13})
+    assert res["probes"]["pretrained"]["top1"] == 0.45 and res["probes"]["random"]["top1"] == 0.35
+    table = markdown(res)
+    assert "| all labels | pretrained: fine-tuned from the MPP encoder | 100 MPP + 50 | 0.2 PFLOP | 1.5 min | " \
+           "60.5% (60.0% / 61.0%) | 90.5% | - |" in table
+    assert "| 10% of the labels | scratch_same_compute: from scratch, the same total training compute | 250 | " \
+           "0.2 PFLOP | 2.5 min | 49.0% (50.0% / 48.0%) | 79.0% | +11.5 |" in table
+
+
+def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
+    exp = tmp_path / "exp"
+    fake_experiment(exp, ["0"])
+    main(["results", str(exp), "--seeds", "0", "--out", str(exp / "results")])
+    out = capsys.readouterr().out
+    assert "all labels: pretrained vs scratch +20.0 points at the same fine-tuning budget, +10.0 at the same" in out
+    assert json.loads((exp / "results.json").read_text())["labels_10pct"]["scratch"]["top1"] == 0.4
+    assert (exp / "figures" / "compute.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no summary.json"):
+        main(["results", str(tmp_path / "missing"), "--seeds", "0"])
+
