@@ -22,8 +22,9 @@ from vitcore.data import ShardStream
 from vitcore.data.sources import check_same_classes
 from vitcore.data.transforms import eval_transform, normalize
 from vitcore.evaluation import coverage_problem, evaluate
-from vitcore.pos_embed import grid_size, resample_pos_embed
-from vitcore.vit import ViT, ViTConfig
+from vitcore.pos_embed import grid_size
+from vitcore.pretrained import load_model
+from vitcore.vit import ViT
 
 
 def load_classifier(path: str | Path, image_size: tuple[int, int] | None = None,
@@ -35,19 +36,11 @@ def load_classifier(path: str | Path, image_size: tuple[int, int] | None = None,
         raise ValueError(f"--checkpoint: {path} is a {meta.get('stage')} checkpoint, not a fine-tuned classifier")
     if ema and not meta.get("ema"):
         raise ValueError(f"--ema: {path} was trained without an EMA (finetune.ema_decay=0)")
-    arch = meta["arch"]
-    size = image_size or tuple(arch["image_size"])
     try:
-        grid_size(size, arch["patch_size"])
+        grid_size(image_size or tuple(meta["arch"]["image_size"]), meta["arch"]["patch_size"])
     except ValueError as e:
         raise ValueError(f"--image-size: {e}") from None
-    vit = ViT(ViTConfig.from_variant(arch["variant"], image_size=size, num_classes=meta["num_classes"],
-                                     pool=meta["pooling"]))
-    prefix = "ema." if ema else meta["encoder_prefix"]
-    weights = {k[len(prefix):]: v for k, v in checkpoint.load_weights(path).items() if k.startswith(prefix)}
-    weights["pos_embed"] = resample_pos_embed(weights["pos_embed"], tuple(arch["grid"]), vit.grid)
-    vit.load_state_dict(weights)  # strict: every key, every shape
-    return vit.eval(), meta
+    return load_model(path, image_size, prefix="ema." if ema else None)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -69,3 +69,62 @@ def make_shards(tmp_path_factory):
         return build_shards(tmp_path_factory.mktemp("built-shards"), shards, classes, index)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def val_shards(tmp_path_factory) -> Path:
+    """100 held-out images in 3 shards of unequal size (40, 40, 20)."""
+    from vitcore.data.shards import write_shards
+
+    source = CIFAR_TAR if CIFAR_TAR.exists() else _synthetic_folder(tmp_path_factory.mktemp("synthetic-val"), 100)
+    out = tmp_path_factory.mktemp("val-shards")
+    split = "test" if source == CIFAR_TAR else None
+    write_shards(str(source), out, split=split, limit=100, samples_per_shard=40, shuffle_seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained(cifar_shards, tmp_path_factory) -> Path:
+    """A Pico/8 MPP checkpoint at 32 px (4x4 grid), trained for 2 steps."""
+    from pretrain.config import PretrainConfig
+    from pretrain.task import MPPTask
+    from vitcore.engine import main
+
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    main(PretrainConfig, MPPTask, [f"data.shards={cifar_shards}", f"run.out_dir={out}", "model.variant=Pico/8",
+                                   "model.image_size=32", "data.batch_size=16", "data.num_workers=0", "run.steps=2",
+                                   "optim.warmup_steps=1"])
+    return out / "checkpoints" / "latest"
+
+
+@pytest.fixture(scope="session")
+def classifier(cifar_shards, val_shards, pretrained, tmp_path_factory) -> Path:
+    """A finished Pico/8 classifier run at 32 px (10 CIFAR classes): `pretrained` fine-tuned for 4 steps
+    (a large learning rate, so that the head is far from zero) and evaluated on `val_shards`."""
+    from finetune.config import FinetuneConfig
+    from finetune.task import ClassifyTask
+    from vitcore.engine import main
+
+    out = tmp_path_factory.mktemp("classifier") / "run"
+    main(FinetuneConfig, ClassifyTask, [f"init_from={pretrained}", f"data.shards={cifar_shards}",
+                                        f"eval.shards={val_shards}", f"run.out_dir={out}", "model.variant=Pico/8",
+                                        "model.image_size=32", "data.batch_size=16", "data.num_workers=0",
+                                        "eval.num_workers=0", "optim.lr=0.05", "optim.warmup_steps=1",
+                                        "run.steps=4", "run.image_every=0"])
+    return out
+
+
+def real_images(dest: Path, count: int) -> Path:
+    """`count` real images in class folders under `dest`: JPEGs of the CIFAR-10 test split from the
+    shared data (every 50th), or synthetic PNGs where it is absent."""
+    import tarfile
+
+    if not CIFAR_TAR.exists():
+        return _synthetic_folder(dest, count)
+    with tarfile.open(CIFAR_TAR) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and "/test/" in m.name), key=lambda m: m.name)
+        for m in members[::50][:count]:
+            target = dest / Path(m.name).parent.name / Path(m.name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(m).read())
+    return dest

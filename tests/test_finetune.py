@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import CIFAR_TAR, _synthetic_folder
+from conftest import _synthetic_folder
 from finetune.config import FinetuneConfig
 from finetune.evaluate import main as evaluate_main
 from finetune.task import ClassifyTask
@@ -29,28 +29,6 @@ from vitcore.engine import main
 from vitcore.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def val_shards(tmp_path_factory) -> Path:
-    """100 held-out images in 3 shards of unequal size (40, 40, 20)."""
-    from vitcore.data.shards import write_shards
-
-    source = CIFAR_TAR if CIFAR_TAR.exists() else _synthetic_folder(tmp_path_factory.mktemp("synthetic-val"), 100)
-    out = tmp_path_factory.mktemp("val-shards")
-    split = "test" if source == CIFAR_TAR else None
-    write_shards(str(source), out, split=split, limit=100, samples_per_shard=40, shuffle_seed=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def pretrained(cifar_shards, tmp_path_factory) -> Path:
-    """A Pico/8 MPP checkpoint at 32 px (4x4 grid)."""
-    out = tmp_path_factory.mktemp("pretrain") / "run"
-    main(PretrainConfig, MPPTask, [f"data.shards={cifar_shards}", f"run.out_dir={out}", "model.variant=Pico/8",
-                                   "model.image_size=32", "data.batch_size=16", "data.num_workers=0", "run.steps=2",
-                                   "optim.warmup_steps=1"])
-    return out / "checkpoints" / "latest"
 
 
 def overrides(train: Path, val: Path, out: Path, **extra) -> list[str]:

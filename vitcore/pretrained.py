@@ -1,4 +1,5 @@
-"""Loading a pretrained encoder into a ViT built at the fine-tuning resolution, once.
+"""Loading a pretrained encoder into a ViT built at the fine-tuning resolution, once; and loading
+the whole ViT a checkpoint holds (`load_model`, for evaluation, prediction and export).
 
 Sources: a pretraining checkpoint of ours (a checkpoint directory, `latest`, a run's
 `checkpoints/` or run directory, or the checkpoint's `model.safetensors`), or a timm
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -88,6 +90,33 @@ def load_encoder(vit: ViT, path: str | Path) -> LoadReport:
     assert not result.unexpected_keys and set(result.missing_keys) <= set(OPTIONAL), result
     report.loaded = list(weights)
     return report
+
+
+def load_model(path: str | Path, image_size: tuple[int, int] | None = None,
+               prefix: str | None = None) -> tuple[ViT, dict[str, Any]]:
+    """The ViT a checkpoint of ours holds, in eval mode, and the checkpoint's meta.json.
+
+    Built from meta["arch"] at `image_size` (default: the stored resolution), the stored position
+    embeddings resampled once to its grid. A task whose model classifies declares `num_classes` and
+    `pooling` in its meta (and `classes`); the ViT then has that head, else it is the bare encoder
+    (num_classes=0). The weights are those under `prefix` in model.safetensors (default:
+    meta["encoder_prefix"]; another copy of the same ViT, an EMA say, lives under its own prefix).
+    Raises ValueError when `image_size` is not divisible by the patch size, FileNotFoundError when
+    `path` holds no checkpoint; the keys are matched strictly.
+    """
+    meta = checkpoint.load_meta(path)
+    arch = meta["arch"]
+    size = tuple(image_size or arch["image_size"])
+    grid_size(size, arch["patch_size"])  # a ValueError naming the size and the patch
+    vit = ViT(ViTConfig(dim=arch["dim"], depth=arch["depth"], heads=arch["heads"], patch_size=arch["patch_size"],
+                        image_size=size, mlp_ratio=arch.get("mlp_ratio", 4),
+                        num_classes=meta.get("num_classes", 0), pool=meta.get("pooling", "cls")))
+    prefix = meta["encoder_prefix"] if prefix is None else prefix
+    weights = {k[len(prefix):]: v for k, v in checkpoint.load_weights(path).items() if k.startswith(prefix)}
+    stored = tuple(arch["grid"]) if "grid" in arch else grid_size(tuple(arch["image_size"]), arch["patch_size"])
+    weights["pos_embed"] = resample_pos_embed(weights["pos_embed"], stored, vit.grid)  # (1, 1 + gh*gw, D)
+    vit.load_state_dict(weights)  # strict: every key, every shape
+    return vit.eval(), meta
 
 
 def _read(path: Path, target_keys: set[str]) -> _Source:

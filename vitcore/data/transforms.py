@@ -8,7 +8,8 @@ The transforms are fused for speed at small resolutions, where per-image fixed c
 Each takes an image straight from `open_image` (header read, pixels not decoded yet), chooses
 its crop box from the header size, lets libjpeg decode at the strongest 1/2, 1/4 or 1/8 DCT
 reduction that keeps the box at least the output size, and crops and resizes in one
-`Image.resize(box=...)` pass. A decoded image, or a PNG, simply skips the reduction. Crop and
+`Image.resize(box=...)` pass (the evaluation transform resizes the whole image, then crops, to
+match torchvision's pixels). A decoded image, or a PNG, simply skips the reduction. Crop and
 flip are drawn from torch's RNG with the same calls as torchvision's v2.RandomResizedCrop and
 RandomHorizontalFlip, so a seed gives the crop torchvision would have taken.
 """
@@ -129,8 +130,13 @@ class RandomResizedCropFlip:
 
 @dataclass(frozen=True)
 class ResizeCenterCrop:
-    """Opened image -> resize the shorter side to `resize` -> centre crop `size` -> uint8 (3, H, W),
-    the box computed as v2.Resize + v2.CenterCrop would, resized in one pass."""
+    """Opened image -> resize the shorter side to `resize` -> centre crop `size` -> uint8 (3, H, W).
+
+    The whole image is resized (after the DCT reduction a large JPEG allows), then cropped: the
+    pixels of torchvision's Resize + CenterCrop, and so of timm's eval transform, exactly, whenever
+    no reduction applies. (One `resize(box=...)` pass over the crop alone rounds differently: PIL's
+    filter weights land on exact halves at rational scales, and a float ulp decides those pixels.)
+    """
 
     size: tuple[int, int]  # (h, w)
     resize: int  # shorter side before the crop; at least max(size)
@@ -142,14 +148,13 @@ class ResizeCenterCrop:
     def __call__(self, image: Image.Image) -> Tensor:
         width, height = image.size
         out_h, out_w = self.size
-        if width <= height:
+        if width <= height:  # as torchvision computes the longer side
             rw, rh = self.resize, int(self.resize * height / width)
         else:
             rw, rh = int(self.resize * width / height), self.resize
         top, left = int(round((rh - out_h) / 2.0)), int(round((rw - out_w) / 2.0))
-        sx, sy = width / rw, height / rh
-        box = (left * sx, top * sy, min((left + out_w) * sx, width), min((top + out_h) * sy, height))
-        return to_tensor(resized_crop(image, box, self.size))
+        resized = resized_crop(image, (0, 0, width, height), (rh, rw))  # (rh, rw) RGB
+        return to_tensor(resized.crop((left, top, left + out_w, top + out_h)))
 
 
 def pretrain_transform(size: Size) -> RandomResizedCropFlip:
