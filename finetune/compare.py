@@ -176,6 +176,7 @@ def sweep_table(sweep: Path) -> tuple[str, dict[str, Any]]:
             cfg = _config(run)
             rows.append({"run": run.name, "lr": cfg["optim"]["lr"], "warmup_steps": cfg["optim"]["warmup_steps"],
                          "top1": summary(run)["eval"]["top1"]})
+        rows.sort(key=lambda r: (r["lr"], r["warmup_steps"]))
         best = max(rows, key=lambda r: r["top1"])
         out[arm_dir.name] = {"runs": rows, "chosen": best}
         lines += [f"| {arm_dir.name} | {r['lr']:g} | {r['warmup_steps']} | {_pct(r['top1'])}"

@@ -70,3 +70,18 @@ def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no summary.json"):
         main(["results", str(tmp_path / "missing"), "--seeds", "0"])
 
+
+
+def test_sweep_table_lists_every_run_and_picks_the_best(tmp_path):
+    for arm, runs in {"pretrained": [(5e-4, 40, 0.43), (1e-3, 40, 0.45), (1e-3, 100, 0.44)],
+                      "scratch": [(1e-3, 40, 0.2), (5e-4, 40, 0.3)]}.items():
+        for lr, warmup, top1 in runs:
+            run = tmp_path / "sweep" / arm / f"lr{lr}-w{warmup}"
+            fake_run(run, top1, 10, 1e12, 1.0)
+            (run / "config.yaml").write_text(f"optim:\n  lr: {lr}\n  warmup_steps: {warmup}\n")
+    main(["sweep", str(tmp_path / "sweep"), "--out", str(tmp_path / "sweep" / "results")])
+    chosen = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert {arm: (c["chosen"]["lr"], c["chosen"]["warmup_steps"]) for arm, c in chosen.items()} == \
+        {"pretrained": (1e-3, 40), "scratch": (5e-4, 40)}
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| pretrained | 0.001 | 40 | 45.0% (chosen) |" in table and "| scratch | 0.001 | 40 | 20.0% |" in table
