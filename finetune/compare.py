@@ -120,7 +120,7 @@ def markdown(res: dict[str, Any]) -> str:
             top1 = _pct(a["top1"]) + (f" ({seeds})" if len(a["per_seed"]) > 1 else "")
             gain = {"scratch": "same_finetune_budget", "scratch_same_compute": "same_compute"}.get(arm)
             gain_text = f"{100 * entry['gains'][gain]:+.1f}" if gain else "-"
-            lines.append(f"| {words} | {arm}: {what} | {steps} | {a['train_flops'] / 1e15:.1f} PFLOP | "
+            lines.append(f"| {words} | {arm}: {what} | {steps} | {a['train_flops'] / 1e12:,.1f} TFLOP | "
                          f"{a['wall_s'] / 60:.1f} min | {top1} | {_pct(a['top5'])} | {gain_text} |")
     for name, what in PROBES.items():
         if name in res["probes"]:
@@ -130,11 +130,11 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:
-    """(cumulative training PFLOPs, val top-1 %) at each of a run's evaluations."""
+    """(cumulative training TFLOPs, val top-1 %) at each of a run's evaluations."""
     s = summary(run)
     per_step = s["train_flops"] / s["steps"]
     rows = [r for r in read_metrics(run / "metrics.jsonl") if "val/top1" in r]
-    return [(offset + r["step"] * per_step) / 1e15 for r in rows], [100 * r["val/top1"] for r in rows]
+    return [(offset + r["step"] * per_step) / 1e12 for r in rows], [100 * r["val/top1"] for r in rows]
 
 
 def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
@@ -150,15 +150,15 @@ def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
         for arm, (color, style) in styles.items():
             xs, ys = _curve(exp / folder / f"{arm}-s{seed}", pre_flops if arm == "pretrained" else 0.0)
             ax.plot(xs, ys, style, color=color, marker=".", label=arm.replace("_", " "))
-        ax.axvline(pre_flops / 1e15, color="0.6", lw=0.8, ls="--", label="end of MPP pretraining")
+        ax.axvline(pre_flops / 1e12, color="0.6", lw=0.8, ls="--", label="end of MPP pretraining")
         if regime == "all":
             for name, marker in (("pretrained", "o"), ("random", "x")):
                 run = exp / f"probe-{name}"
                 if run.is_dir():
                     x = (pre_flops if name == "pretrained" else 0.0) + summary(run)["train_flops"]
-                    ax.plot([x / 1e15], [100 * res["probes"][name]["top1"]], marker, color="C2" if name ==
+                    ax.plot([x / 1e12], [100 * res["probes"][name]["top1"]], marker, color="C2" if name ==
                             "pretrained" else "0.4", label=f"linear probe, {name} encoder")
-        ax.set(title=f"{words} (seed {seed})", xlabel="cumulative training compute (PFLOP)",
+        ax.set(title=f"{words} (seed {seed})", xlabel="cumulative training compute (TFLOP)",
                ylabel="val top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -252,4 +252,4 @@ def test_the_demo_pipeline_end_to_end_on_real_images(cifar_shards, val_shards, t
     assert results["pretrain"]["stage"] == "pretrain" and "baseline_acc" in results["pretrain"]
     table = (runs / "results.md").read_text()
     assert "| pretrained " in table and "| scratch_same_compute " in table and "most-frequent-colour acc" in table
-    assert "PFLOP" in table and "pretrained - scratch_same_compute:" in table
+    assert "TFLOP" in table and "pretrained - scratch_same_compute:" in table

@@ -58,7 +58,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     lines = []
     for r in runs:
         s = r["summary"]
-        flops = f"{s['train_flops'] / 1e15:.2f} PFLOP" if "train_flops" in s else "?"
+        flops = f"{s['train_flops'] / 1e12:,.1f} TFLOP" if "train_flops" in s else "?"
         cells = [r["run"], s.get("stage", "?"), str(s.get("steps", "?")), str(s.get("samples", "?")), flops,
                  f"{s.get('wall_time_s', 0) / 60:.1f} min", f"{s.get('img_s', 0):.0f}"]
         for _, key, fmt in cols:
