@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.compare import main, markdown, matched_steps, results
+from finetune.compare import REGIMES, main, markdown, matched_steps, results
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_run(run: Path, top1: float, steps: int, flops_per_step: float, wall: float) -> None:
@@ -53,10 +55,10 @@ def test_results_have_every_arm_regime_and_gain(tmp_path):
         assert entry["gains"]["same_compute_per_seed"] == pytest.approx({"0": 0.1, "1": 0.13})
     assert res["probes"]["pretrained"]["top1"] == 0.45 and res["probes"]["random"]["top1"] == 0.35
     table = markdown(res)
-    assert "| all labels | pretrained: fine-tuned from the MPP encoder | 100 MPP + 50 | 0.2 PFLOP | 1.5 min | " \
+    assert "| all labels | pretrained: fine-tuned from the MPP encoder | 100 MPP + 50 | 250.0 TFLOP | 1.5 min | " \
            "60.5% (60.0% / 61.0%) | 90.5% | - |" in table
     assert "| 10% of the labels | scratch_same_compute: from scratch, the same total training compute | 250 | " \
-           "0.2 PFLOP | 2.5 min | 49.0% (50.0% / 48.0%) | 79.0% | +11.5 |" in table
+           "250.0 TFLOP | 2.5 min | 49.0% (50.0% / 48.0%) | 79.0% | +11.5 |" in table
 
 
 def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
@@ -85,3 +87,10 @@ def test_sweep_table_lists_every_run_and_picks_the_best(tmp_path):
         {"pretrained": (1e-3, 40), "scratch": (5e-4, 40)}
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "| pretrained | 0.001 | 40 | 45.0% (chosen) |" in table and "| scratch | 0.001 | 40 | 20.0% |" in table
+
+
+def test_readme_shows_the_shipped_experiment_results():
+    """The README's results table is the one `make experiment` wrote to docs/ at this commit."""
+    res = json.loads((ROOT / "docs" / "experiment-results.json").read_text())
+    assert set(REGIMES) - {"all"} <= res.keys()
+    assert markdown(res) in (ROOT / "README.md").read_text()
