@@ -130,6 +130,7 @@ sweep: setup $(EXP_DATA)/sweep-train/index.json $(EXP_DATA)/sweep-holdout/index.
 	  done; \
 	done
 	$(PY) -m finetune.compare sweep $(SWEEP_RUNS) --out $(SWEEP_RUNS)/results
+	cp $(SWEEP_RUNS)/results.json docs/sweep-results.json
 
 # The paper's ablation at the demo's budget (run `make demo` first: its runs are the reference):
 # the corruption mix (100% [mask] instead of 80/10/10) and the target (4x4 sub-patch colours,
