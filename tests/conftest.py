@@ -27,17 +27,22 @@ def _synthetic_folder(root: Path, count: int) -> Path:
     return root
 
 
+def _cifar_split(tmp_path_factory, name: str, split: str, limit: int, samples_per_shard: int, seed: int) -> Path:
+    """`limit` real CIFAR-10 images of `split` as shards (synthetic ones when the shared data are absent)."""
+    from vitcore.data.shards import write_shards
+
+    source = CIFAR_TAR if CIFAR_TAR.exists() else _synthetic_folder(tmp_path_factory.mktemp(f"synthetic-{name}"), limit)
+    out = tmp_path_factory.mktemp(name)
+    write_shards(str(source), out, split=split if source == CIFAR_TAR else None, limit=limit,
+                 samples_per_shard=samples_per_shard, shuffle_seed=seed, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def cifar_shards(tmp_path_factory) -> Path:
     """256 CIFAR-10 training images (32 px) in 4 shards with an index.json: the real ones from
     the shared data when present (as in CI), else synthetic ones, so that the engine tests run anywhere."""
-    from vitcore.data.shards import write_shards
-
-    source = CIFAR_TAR if CIFAR_TAR.exists() else _synthetic_folder(tmp_path_factory.mktemp("synthetic"), 256)
-    out = tmp_path_factory.mktemp("cifar-shards")
-    split = "train" if source == CIFAR_TAR else None
-    write_shards(str(source), out, split=split, limit=256, samples_per_shard=64, shuffle_seed=0, progress=False)
-    return out
+    return _cifar_split(tmp_path_factory, "cifar-shards", "train", 256, 64, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -74,13 +79,7 @@ def make_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def val_shards(tmp_path_factory) -> Path:
     """100 held-out images in 3 shards of unequal size (40, 40, 20)."""
-    from vitcore.data.shards import write_shards
-
-    source = CIFAR_TAR if CIFAR_TAR.exists() else _synthetic_folder(tmp_path_factory.mktemp("synthetic-val"), 100)
-    out = tmp_path_factory.mktemp("val-shards")
-    split = "test" if source == CIFAR_TAR else None
-    write_shards(str(source), out, split=split, limit=100, samples_per_shard=40, shuffle_seed=1, progress=False)
-    return out
+    return _cifar_split(tmp_path_factory, "val-shards", "test", 100, 40, seed=1)
 
 
 @pytest.fixture(scope="session")
