@@ -96,8 +96,7 @@ def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
             out[regime] = entry
     out["probes"] = {name: {k: summary(exp / f"probe-{name}")["eval"][k] for k in ("top1", "top5")}
                      for name in PROBES if (exp / f"probe-{name}").is_dir()}
-    runs = [exp / "pretrain", *(p for p in exp.glob("**/summary.json") if p.parent.name != "pretrain")]
-    out["wall_s"] = round(sum(summary(p if p.is_dir() else p.parent)["wall_time_s"] for p in runs), 1)
+    out["wall_s"] = round(sum(summary(p.parent)["wall_time_s"] for p in exp.glob("**/summary.json")), 1)
     out["seeds"] = seeds
     return out
 
