@@ -102,7 +102,7 @@ experiment: setup $(EXP_SETS) $(EXP_RUNS)/pretrain/summary.json
 	$(PY) -m finetune.compare results $(EXP_RUNS) --seeds $(SEEDS) --out $(EXP_RUNS)/results
 	cp $(EXP_RUNS)/results.json docs/experiment-results.json
 	cp $(EXP_RUNS)/figures/compute.png docs/figures/experiment_compute.png
-	$(PY) -m vitcore.plots --out $(EXP_RUNS)/figures pretrain=$(EXP_RUNS)/pretrain \
+	$(PY) -m vitcore.report.plots --out $(EXP_RUNS)/figures pretrain=$(EXP_RUNS)/pretrain \
 	    $(foreach s,$(SEEDS),pretrained-s$(s)=$(EXP_RUNS)/pretrained-s$(s) scratch_same_compute-s$(s)=$(EXP_RUNS)/scratch_same_compute-s$(s))
 
 # The search behind the experiment's recipes, the same for both arms: peak lr, then warmup at the

@@ -24,7 +24,7 @@ from pretrain.config import PretrainConfig
 from pretrain.corruption import corrupt
 from pretrain.task import MPPTask
 from vitcore.data.transforms import normalize
-from vitcore.optim import build_optimizer
+from vitcore.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mpp_overhead.json"
 

@@ -26,7 +26,7 @@ from statistics import mean
 from typing import Any
 
 from vitcore.atomic import atomic_write_text
-from vitcore.monitor import read_metrics
+from vitcore.train.logger import read_metrics
 
 ARMS = {  # key in results.json -> what the arm is
     "pretrained": "fine-tuned from the MPP encoder",
@@ -139,7 +139,7 @@ def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:
 def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
     """Validation top-1 against cumulative training compute: one panel per label regime, seed
     `res["seeds"][0]`; the pretrained curve starts where its pretraining ended."""
-    from vitcore.plots import _axes
+    from vitcore.report.plots import _axes
 
     seed = res["seeds"][0]
     pre_flops = res["pretrain"]["train_flops"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vitcore import checkpoint
 from vitcore.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, check
-from vitcore.pretrained import TORCH_SUFFIXES
+from vitcore.model.pretrained import TORCH_SUFFIXES
 
 DEMO_PRETRAINED = "runs/demo/pretrain/checkpoints/latest"
 MODES = ("full", "linear_probe")

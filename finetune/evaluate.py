@@ -21,10 +21,10 @@ from vitcore import checkpoint
 from vitcore.data import ShardStream
 from vitcore.data.sources import check_same_classes
 from vitcore.data.transforms import eval_transform, normalize
-from vitcore.evaluation import coverage_problem, evaluate
-from vitcore.pos_embed import grid_size
-from vitcore.pretrained import load_model
-from vitcore.vit import ViT
+from vitcore.eval.loop import coverage_problem, evaluate
+from vitcore.model.pos_embed import grid_size
+from vitcore.model.pretrained import load_model
+from vitcore.model.vit import ViT
 
 
 def load_classifier(path: str | Path, image_size: tuple[int, int] | None = None,

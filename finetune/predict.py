@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from finetune.evaluate import load_classifier
 from vitcore.data.sources import is_image_name
 from vitcore.data.transforms import DECODE_ERRORS, ResizeCenterCrop, eval_transform, normalize, open_image
-from vitcore.vit import ViT
+from vitcore.model.vit import ViT
 
 Item = tuple[int, Tensor | None, str | None]  # (input position, uint8 (3, H, W) image or None, error or None)
 

@@ -10,7 +10,7 @@ freezes the encoder.
 
 from finetune.config import FinetuneConfig
 from finetune.task import ClassifyTask
-from vitcore.engine import main
+from vitcore.train.engine import main
 
 if __name__ == "__main__":
     main(FinetuneConfig, ClassifyTask, description=__doc__)

@@ -16,13 +16,13 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from finetune.config import FinetuneConfig
-from vitcore.attention import attention_maps
+from vitcore.report.attention import attention_maps
 from vitcore.config import ConfigError
 from vitcore.data import read_index
 from vitcore.data.transforms import eval_transform, finetune_train_transform, normalize
-from vitcore.engine import Task
-from vitcore.pretrained import load_encoder
-from vitcore.vit import ViT, ViTConfig, flops_per_image
+from vitcore.train.engine import Task
+from vitcore.model.pretrained import load_encoder
+from vitcore.model.vit import ViT, ViTConfig, flops_per_image
 
 
 class Classifier(nn.Module):

@@ -1,6 +1,6 @@
 """The masked patch prediction task: the model (encoder + [mask] token + head), loss and metrics.
 
-The engine knows nothing of MPP; it calls the `vitcore.engine.Task` methods implemented here.
+The engine knows nothing of MPP; it calls the `vitcore.train.engine.Task` methods implemented here.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pretrain.config import MPPConfig, PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, Corruption, corrupt, corruption_counts
 from pretrain.targets import SUB, make_targets, num_outputs, patchify, render, unpatchify
 from vitcore.data.transforms import eval_transform, normalize, pretrain_transform
-from vitcore.engine import Task
-from vitcore.vit import ViT, ViTConfig
+from vitcore.train.engine import Task
+from vitcore.model.vit import ViT, ViTConfig
 
 
 class MPPOutput(NamedTuple):
@@ -59,7 +59,7 @@ class MPPModel(nn.Module):
         return MPPOutput(self.head(selected), record)  # (B, K, outputs)
 
     def no_weight_decay(self) -> set[str]:
-        """The [mask] embedding is a token, not a weight: never decayed (read by `vitcore.optim`)."""
+        """The [mask] embedding is a token, not a weight: never decayed (read by `vitcore.train.optim`)."""
         return {"mask_token"}
 
 

@@ -87,7 +87,7 @@ def pretrained(cifar_shards, tmp_path_factory) -> Path:
     """A Pico/8 MPP checkpoint at 32 px (4x4 grid), trained for 2 steps."""
     from pretrain.config import PretrainConfig
     from pretrain.task import MPPTask
-    from vitcore.engine import main
+    from vitcore.train.engine import main
 
     out = tmp_path_factory.mktemp("pretrain") / "run"
     main(PretrainConfig, MPPTask, [f"data.shards={cifar_shards}", f"run.out_dir={out}", "model.variant=Pico/8",
@@ -102,7 +102,7 @@ def classifier(cifar_shards, val_shards, pretrained, tmp_path_factory) -> Path:
     (a large learning rate, so that the head is far from zero) and evaluated on `val_shards`."""
     from finetune.config import FinetuneConfig
     from finetune.task import ClassifyTask
-    from vitcore.engine import main
+    from vitcore.train.engine import main
 
     out = tmp_path_factory.mktemp("classifier") / "run"
     main(FinetuneConfig, ClassifyTask, [f"init_from={pretrained}", f"data.shards={cifar_shards}",

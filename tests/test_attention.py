@@ -2,8 +2,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from vitcore.attention import cls_attention_map, confusion_image, last_layer_cls_heads, overlay, rollout, save_png
-from vitcore.vit import ViT, ViTConfig
+from vitcore.report.attention import cls_attention_map, confusion_image, last_layer_cls_heads, overlay, rollout, save_png
+from vitcore.model.vit import ViT, ViTConfig
 
 
 def random_attentions(blocks: int, batch: int, heads: int, tokens: int) -> list[torch.Tensor]:

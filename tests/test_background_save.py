@@ -10,7 +10,7 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
 from vitcore.config import load_config
-from vitcore.engine import Trainer
+from vitcore.train.engine import Trainer
 
 
 def test_host_copy_is_a_snapshot():

@@ -9,7 +9,7 @@ import yaml
 from finetune.config import DEMO_PRETRAINED, FinetuneConfig
 from pretrain.config import PretrainConfig
 from vitcore.config import ConfigError, load_config, save_config, to_dict
-from vitcore.engine import main
+from vitcore.train.engine import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

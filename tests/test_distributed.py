@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
-from vitcore.engine import Trainer
+from vitcore.train.engine import Trainer
 
 cfg = load_config(PretrainConfig, None, sys.argv[1:])
 trainer = Trainer(cfg, MPPTask(cfg))

@@ -1,4 +1,4 @@
-"""`python -m vitcore.export`: checkpoints of both stages, trained for real, load into timm through
+"""`python -m vitcore.model.export`: checkpoints of both stages, trained for real, load into timm through
 `local-dir:` and give our outputs to 1e-5 on real images, square and non-square; the model card."""
 
 import json
@@ -12,9 +12,9 @@ from PIL import Image
 from conftest import real_images
 from vitcore import checkpoint
 from vitcore.data.transforms import eval_transform, normalize, open_image
-from vitcore.export import TIMM_ARCHITECTURES, main, timm_architecture
-from vitcore.pretrained import load_model
-from vitcore.vit import to_timm_state_dict
+from vitcore.model.export import TIMM_ARCHITECTURES, main, timm_architecture
+from vitcore.model.pretrained import load_model
+from vitcore.model.vit import to_timm_state_dict
 
 timm = pytest.importorskip("timm")
 
@@ -32,7 +32,7 @@ def avg_classifier(cifar_shards, pretrained, tmp_path_factory) -> Path:
     """A classifier on the mean patch token (timm's global_pool="avg"), 2 steps, no evaluation."""
     from finetune.config import FinetuneConfig
     from finetune.task import ClassifyTask
-    from vitcore.engine import main as train
+    from vitcore.train.engine import main as train
 
     out = tmp_path_factory.mktemp("avg") / "run"
     train(FinetuneConfig, ClassifyTask, [f"init_from={pretrained}", f"data.shards={cifar_shards}", "eval.shards=null",

@@ -25,8 +25,8 @@ from vitcore.config import ConfigError, load_config
 from vitcore.data import ShardStream
 from vitcore.data.tar import iter_tar_samples
 from vitcore.data.transforms import eval_transform
-from vitcore.engine import main
-from vitcore.evaluation import evaluate
+from vitcore.train.engine import main
+from vitcore.eval.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ import json, sys
 from finetune.config import FinetuneConfig
 from finetune.task import ClassifyTask
 from vitcore.config import load_config
-from vitcore.engine import Trainer
+from vitcore.train.engine import Trainer
 
 cfg = load_config(FinetuneConfig, None, sys.argv[1:])
 trainer = Trainer(cfg, ClassifyTask(cfg))
@@ -227,7 +227,7 @@ def test_the_demo_pipeline_end_to_end_on_real_images(cifar_shards, val_shards, t
     from scratch with the same total training compute (steps from `finetune.compare steps`), and the
     results table with its JSON and markdown."""
     from finetune.compare import matched_steps
-    from vitcore.report import main as report
+    from vitcore.report.table import main as report
 
     runs = tmp_path / "demo"
     main(PretrainConfig, MPPTask, [f"data.shards={cifar_shards}", f"eval.shards={val_shards}", "model.variant=Pico/8",

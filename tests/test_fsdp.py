@@ -22,8 +22,8 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from vitcore import checkpoint, sharding
 from vitcore.config import OptimConfig
-from vitcore.optim import build_optimizer, set_lr, skip_if_nonfinite
-from vitcore.vit import ViT, ViTConfig
+from vitcore.train.optim import build_optimizer, set_lr, skip_if_nonfinite
+from vitcore.model.vit import ViT, ViTConfig
 
 out = sys.argv[1]
 plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
@@ -118,8 +118,8 @@ def test_one_process_round_trip_through_the_same_functions():
 
     from vitcore import sharding
     from vitcore.config import OptimConfig
-    from vitcore.optim import build_optimizer
-    from vitcore.vit import ViT, ViTConfig
+    from vitcore.train.optim import build_optimizer
+    from vitcore.model.vit import ViT, ViTConfig
 
     accel = Accelerator(cpu=True)
 

@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 
 from launching import CPU_ENV, ROOT, launch_command
 from vitcore.data.index import read_index, write_index
-from vitcore.vit import ViT, ViTConfig
+from vitcore.model.vit import ViT, ViTConfig
 
 WORKER = """
 import json, sys
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-import vitcore.engine as engine
+import vitcore.train.engine as engine
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
@@ -85,7 +85,7 @@ def _evaluate_in_one_process(weights: dict[str, torch.Tensor], shards: Path, arg
     from pretrain.task import MPPTask
     from vitcore.config import load_config
     from vitcore.data import ShardStream
-    from vitcore.evaluation import evaluate
+    from vitcore.eval.loop import evaluate
 
     cfg = load_config(PretrainConfig, None, args)
     task = MPPTask(cfg)

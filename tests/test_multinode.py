@@ -28,7 +28,7 @@ from pretrain.task import MPPTask
 from vitcore import checkpoint
 from vitcore.config import load_config
 from vitcore.data import ShardStream
-from vitcore.engine import Trainer
+from vitcore.train.engine import Trainer
 
 keys, saves = {}, []
 iterate, save = ShardStream.__iter__, checkpoint.save_checkpoint

@@ -8,8 +8,8 @@ import torch
 from pretrain.config import MPPConfig
 from pretrain.task import MPPModel
 from vitcore.config import ConfigError, OptimConfig
-from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
-from vitcore.vit import ViT, ViTConfig
+from vitcore.train.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
+from vitcore.model.vit import ViT, ViTConfig
 
 
 def pico(**overrides) -> ViT:

@@ -1,4 +1,4 @@
-"""vitcore.plots on two hand-written runs (no training): the figures and the images logged to TensorBoard."""
+"""vitcore.report.plots on two hand-written runs (no training): the figures and the images logged to TensorBoard."""
 
 import json
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vitcore import plots
+from vitcore.report import plots
 
 pytest.importorskip("matplotlib")
 

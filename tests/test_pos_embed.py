@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vitcore.pos_embed import grid_size, resample_pos_embed
-from vitcore.vit import ViT, ViTConfig
+from vitcore.model.pos_embed import grid_size, resample_pos_embed
+from vitcore.model.vit import ViT, ViTConfig
 
 
 def smooth_field(gh: int, gw: int, dim: int = 4) -> torch.Tensor:

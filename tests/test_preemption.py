@@ -16,8 +16,8 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
 from vitcore.config import load_config
-from vitcore.engine import Trainer
-from vitcore.preemption import PREEMPTED_EXIT, Preempted
+from vitcore.train.engine import Trainer
+from vitcore.train.preemption import PREEMPTED_EXIT, Preempted
 
 from launching import CPU_ENV, ROOT, launch_command
 
@@ -65,8 +65,8 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
 from vitcore.config import load_config
-from vitcore.engine import Trainer, TrainingError
-from vitcore.preemption import Preempted
+from vitcore.train.engine import Trainer, TrainingError
+from vitcore.train.preemption import Preempted
 
 mode, out = sys.argv[1], Path(sys.argv[2])
 rank = int(os.environ["RANK"])

@@ -16,8 +16,8 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
 from vitcore.config import load_config
-from vitcore.engine import main
-from vitcore.optim import lr_at
+from vitcore.train.engine import main
+from vitcore.train.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 

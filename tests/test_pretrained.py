@@ -8,9 +8,9 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPModel, MPPTask
 from vitcore.checkpoint import save_checkpoint
 from vitcore.config import ModelConfig, to_dict
-from vitcore.pos_embed import resample_pos_embed
-from vitcore.pretrained import load_encoder
-from vitcore.vit import ViT, ViTConfig
+from vitcore.model.pos_embed import resample_pos_embed
+from vitcore.model.pretrained import load_encoder
+from vitcore.model.vit import ViT, ViTConfig
 
 
 def pretrained(tmp_path, variant="Pico/8", image_size=64, step=5) -> MPPModel:

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import ConfigError, load_config
-from vitcore.engine import Trainer
-from vitcore.probes import knn_top1, linear_probe_top1
+from vitcore.train.engine import Trainer
+from vitcore.eval.probes import knn_top1, linear_probe_top1
 
 from launching import CPU_ENV, ROOT, launch_command
 
@@ -132,7 +132,7 @@ def test_best_checkpoint_by_a_probe_metric(cifar_shards, tmp_path):
     from finetune.config import FinetuneConfig
     from finetune.task import ClassifyTask
     from vitcore import checkpoint
-    from vitcore.engine import main
+    from vitcore.train.engine import main
 
     metric = "probe/knn_top1_patch_mean"
     summary, _ = run(tmp_path, cifar_shards, "best", f"monitor.train_shards={cifar_shards}",
@@ -166,8 +166,8 @@ import sys, torch
 from accelerate import Accelerator
 from vitcore.data import ShardStream
 from vitcore.data.transforms import eval_transform
-from vitcore.probes import extract_features
-from vitcore.vit import ViT, ViTConfig
+from vitcore.eval.probes import extract_features
+from vitcore.model.vit import ViT, ViTConfig
 
 accel = Accelerator()
 torch.manual_seed(0)

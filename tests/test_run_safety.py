@@ -16,7 +16,7 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from test_pretrain import ROOT, overrides, run_script
 from vitcore import checkpoint
-from vitcore.engine import main
+from vitcore.train.engine import main
 
 from launching import CPU_ENV, launch_command
 

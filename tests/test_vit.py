@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcore.vit import WIDTHS, ViT, ViTConfig, flops_per_image, num_params, to_timm_state_dict
+from vitcore.model.vit import WIDTHS, ViT, ViTConfig, flops_per_image, num_params, to_timm_state_dict
 
 PAPER_VARIANTS = ["Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14"]
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vitcore.atomic import atomic_write_text
-from vitcore.vit import parse_variant
+from vitcore.model.vit import parse_variant
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ def check(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    variant: str = "Nano/8"  # "<width>/<patch>", widths in vitcore.vit.WIDTHS
+    variant: str = "Nano/8"  # "<width>/<patch>", widths in vitcore.model.vit.WIDTHS
     image_size: int = 64  # training resolution (square); position embeddings are stored for it
     dropout: float = 0.0
     drop_path: float = 0.0
@@ -161,7 +161,7 @@ class EvalConfig:
 
 @dataclass
 class MonitorConfig:
-    """Probes of the encoder's features during training (see `vitcore.probes`), on labelled shards
+    """Probes of the encoder's features during training (see `vitcore.eval.probes`), on labelled shards
     apart from the training data: pretraining needs no labels, the monitor only a small labelled set."""
 
     train_shards: str | None = None  # labelled shards the probes fit on (a train subset); None: no monitor

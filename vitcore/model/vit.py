@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitcore.pos_embed import Grid, grid_size, resample_pos_embed
+from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
 
 # Widths from the ViT paper's Table 1 (B, L, H) and DeiT (Ti, S); Pico and Nano are ours, for
 # tests and the 2-core CPU demo. A variant name is "<width>/<patch>", e.g. "B/16" or "Nano/8".
@@ -217,7 +217,7 @@ class ViT(nn.Module):
         return self.forward_tokens(*self.embed_patches(images), return_attention=return_attention)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters never weight-decayed besides biases and norms (read by `vitcore.optim`)."""
+        """Parameters never weight-decayed besides biases and norms (read by `vitcore.train.optim`)."""
         return {"pos_embed", "cls_token"}
 
     def num_layers(self) -> int:

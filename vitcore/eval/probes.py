@@ -27,8 +27,8 @@ from torch import Tensor
 
 from vitcore.data import ShardStream
 from vitcore.data.transforms import normalize
-from vitcore.evaluation import device_batches
-from vitcore.vit import ViT
+from vitcore.eval.loop import device_batches
+from vitcore.model.vit import ViT
 
 FEATURES = ("cls", "patch_mean")  # the two features each probe is scored on
 

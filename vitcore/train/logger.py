@@ -78,7 +78,7 @@ class Monitor:
     def confusion(self, step: int, matrix: torch.Tensor) -> None:
         """A (C, C) confusion matrix of counts (rows: true class) as a TensorBoard image."""
         if self.enabled:
-            from vitcore.attention import confusion_image
+            from vitcore.report.attention import confusion_image
 
             self.image(step, "val/confusion", confusion_image(matrix))
 

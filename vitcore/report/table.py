@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcore.atomic import atomic_write_text
-from vitcore.monitor import read_metrics
+from vitcore.train.logger import read_metrics
 
 # (column, key, format): the task of each run lists its own in summary.json's "columns"; a key is
 # one of the final training metrics, "eval.<name>" / "eval_ema.<name>" for the final evaluation,

@@ -1,6 +1,6 @@
 """README figures from finished runs:
 
-    python -m vitcore.plots --out DIR [NAME=]RUN_DIR [[NAME=]RUN_DIR ...]
+    python -m vitcore.report.plots --out DIR [NAME=]RUN_DIR [[NAME=]RUN_DIR ...]
 
 Writes into DIR, from each run's metrics.jsonl and summary.json: training_curves.png (train loss
 vs step, one panel per stage; for pretraining also MPP accuracy vs the most-frequent-colour
@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vitcore.monitor import read_metrics
+from vitcore.train.logger import read_metrics
 
 Rows = list[dict[str, Any]]
 

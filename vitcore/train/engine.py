@@ -27,17 +27,17 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_
 from torch.distributed.tensor import DTensor
 
 from vitcore import checkpoint, sharding
-from vitcore.attention import attention_maps
+from vitcore.report.attention import attention_maps
 from vitcore.config import ConfigError, load_config, save_config, to_dict
 from vitcore.data import ShardStream
 from vitcore.data.sources import check_same_classes
 from vitcore.data.stream import derive_seed
-from vitcore.evaluation import coverage_problem, evaluate, to_device
-from vitcore.monitor import Monitor
-from vitcore.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
-from vitcore.preemption import PREEMPTED_EXIT, Preempted, StopSignals
-from vitcore.probes import extract_features, probe_scores
-from vitcore.vit import ViT, flops_per_image
+from vitcore.eval.loop import coverage_problem, evaluate, to_device
+from vitcore.train.logger import Monitor
+from vitcore.train.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
+from vitcore.train.preemption import PREEMPTED_EXIT, Preempted, StopSignals
+from vitcore.eval.probes import extract_features, probe_scores
+from vitcore.model.vit import ViT, flops_per_image
 
 # Dense bf16/fp16 tensor-core peak FLOP/s by device name (the first name contained in the device's
 # wins, so variants come before their family), for model FLOPs utilisation under mixed precision;

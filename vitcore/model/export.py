@@ -1,6 +1,6 @@
 """Export a checkpoint as a folder that timm loads the way it loads a Hugging Face hub model.
 
-    python -m vitcore.export --checkpoint runs/finetune/checkpoints/best --out exported/ [--image-size S [W]]
+    python -m vitcore.model.export --checkpoint runs/finetune/checkpoints/best --out exported/ [--image-size S [W]]
 
     model = timm.create_model("local-dir:exported/", pretrained=True)  # same outputs as ours
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
@@ -43,11 +43,12 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from vitcore import checkpoint, report
+from vitcore import checkpoint
+from vitcore.report import table as report
 from vitcore.atomic import atomic_write_text, commit
 from vitcore.data.transforms import EVAL_CROP_FRACTION, MEAN, STD
-from vitcore.pretrained import load_model
-from vitcore.vit import ViT, to_timm_state_dict
+from vitcore.model.pretrained import load_model
+from vitcore.model.vit import ViT, to_timm_state_dict
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # timm's plain ViT entry points (class token, learned positions, LayerNorm, GELU MLP), by their
@@ -118,7 +119,7 @@ def model_card(vit: ViT, meta: dict[str, Any], config: dict[str, Any], ckpt: Pat
     stage = meta.get("stage", "?")
     lines = [
         f"# {out.resolve().name}: ViT {arch.get('variant', '')} ({stage} checkpoint, step {meta['step']})", "",
-        "Exported with `python -m vitcore.export`.", "",
+        "Exported with `python -m vitcore.model.export`.", "",
         "| | |", "|---|---|",
         f"| architecture | ViT {arch.get('variant', '')}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, "
         f"patch {cfg.patch_size}, MLP ratio {cfg.mlp_ratio}; timm `{config['architecture']}` with `model_args` |",

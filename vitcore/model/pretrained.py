@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from vitcore import checkpoint
-from vitcore.pos_embed import Grid, grid_size, resample_pos_embed
-from vitcore.vit import WIDTHS, ViT, ViTConfig
+from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
+from vitcore.model.vit import WIDTHS, ViT, ViTConfig
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 OPTIONAL = ("head.weight", "head.bias")  # the target's classifier: kept as built (zero-initialised)

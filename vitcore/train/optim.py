@@ -2,7 +2,7 @@
 
 The model says what is special about its parameters, as in timm: any submodule may define
 `no_weight_decay() -> set[str]` (parameter names relative to it, never decayed) and, for
-layer-wise lr decay, `num_layers() -> int` and `layer_id(name) -> int` (see `vitcore.vit.ViT`).
+layer-wise lr decay, `num_layers() -> int` and `layer_id(name) -> int` (see `vitcore.model.vit.ViT`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from vitcore.data.transforms import normalize
-from vitcore.pos_embed import Grid, grid_size
-from vitcore.vit import ViT
+from vitcore.model.pos_embed import Grid, grid_size
+from vitcore.model.vit import ViT
 
 # An 'inferno'-like ramp, black -> purple -> red -> orange -> pale yellow, sampled from matplotlib's
 # inferno at 0, 1/4, ..., 1. Luminance rises monotonically, so bright always means high.
