@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accelerator = Accelerator()
     try:
         vit, meta = load_classifier(args.checkpoint, size, args.ema)
-        stream = ShardStream(args.data, eval_transform(tuple(vit.cfg.image_size)), args.batch_size,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             num_workers=args.num_workers, shuffle_buffer=0, drop_last=False, resampled=False)
+        stream = ShardStream.exactly_once(args.data, eval_transform(tuple(vit.cfg.image_size)), args.batch_size,
+                                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                          num_workers=args.num_workers)
         check_same_classes(meta["classes"], stream.classes, "the checkpoint", args.data)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -15,7 +15,7 @@ from PIL import Image
 from vitcore.data import ShardStream, eval_transform
 from vitcore.data.index import write_index
 from vitcore.data.shards import write_shards
-from vitcore.data.stream import _exactly_once_ranges
+from vitcore.data.plan import _exactly_once_ranges
 from vitcore.data.tar import iter_tar_samples
 
 SIZES = (7, 13, 4)  # samples per shard: unequal on purpose
@@ -90,8 +90,8 @@ def _all_ranks(urls: str | list[str], world_size: int, num_workers: int,
     shards are `intact`."""
     runs = []
     for rank in range(world_size):
-        stream = ShardStream(urls, eval_transform(16), BATCH, rank=rank, world_size=world_size,
-                             num_workers=num_workers, resampled=False, drop_last=False, shuffle_buffer=0)
+        stream = ShardStream.exactly_once(urls, eval_transform(16), BATCH, rank=rank, world_size=world_size,
+                                          num_workers=num_workers)
         expected = len(stream)
         batches = list(stream)
         assert len(batches) == expected or not intact, f"rank {rank}: len() {expected}, {len(batches)} batches"

@@ -150,8 +150,7 @@ def test_evaluation_is_exact_on_a_known_answer(val_shards, num_workers):
             logits[i, order] = torch.arange(10, 0, -1, dtype=torch.float)
         return logits, batch["label"]
 
-    stream = ShardStream(str(val_shards), eval_transform(8), 16, num_workers=num_workers, shuffle_buffer=0,
-                         drop_last=False, resampled=False)
+    stream = ShardStream.exactly_once(str(val_shards), eval_transform(8), 16, num_workers=num_workers)
     result = evaluate(Accelerator(cpu=True), predict, stream, num_classes=10)
     ranks = [_rank(k) for k in truth]
     assert result["count"] == result["predictions"] == len(truth) == 100

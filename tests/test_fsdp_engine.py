@@ -95,8 +95,8 @@ def _evaluate_in_one_process(weights: dict[str, torch.Tensor], shards: Path, arg
     accel = Accelerator(cpu=True)
     hits, hits5, loss, predictions, images = 0, 0, 0.0, 0, 0
     for rank in (0, 1):
-        stream = ShardStream(str(shards), task.eval_transform, 32, rank=rank, world_size=2, num_workers=0,
-                             seed=cfg.run.seed, labeled=False, shuffle_buffer=0, drop_last=False, resampled=False)
+        stream = ShardStream.exactly_once(str(shards), task.eval_transform, 32, rank=rank, world_size=2,
+                                          num_workers=0, seed=cfg.run.seed, labeled=False)
         r = evaluate(accel, lambda batch: task.predict(model, batch), stream)
         hits, hits5 = hits + round(r["top1"] * r["predictions"]), hits5 + round(r["top5"] * r["predictions"])
         loss += r["loss"] * r["predictions"]

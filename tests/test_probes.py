@@ -172,8 +172,8 @@ from vitcore.model.vit import ViT, ViTConfig
 accel = Accelerator()
 torch.manual_seed(0)
 vit = ViT(ViTConfig.from_variant("Pico/8", image_size=32)).eval()
-stream = ShardStream(sys.argv[1], eval_transform(32), 24, rank=accel.process_index, world_size=accel.num_processes,
-                     num_workers=1, labeled=True, shuffle_buffer=0, drop_last=False, resampled=False)
+stream = ShardStream.exactly_once(sys.argv[1], eval_transform(32), 24, rank=accel.process_index,
+                                  world_size=accel.num_processes, num_workers=1, labeled=True)
 f = extract_features(accel, vit, stream)
 torch.save({"keys": f.keys, "cls": f.features["cls"], "labels": f.labels, "expected": f.expected,
             "skipped": f.skipped}, f"{sys.argv[2]}/rank{accel.process_index}.pt")

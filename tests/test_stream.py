@@ -1,4 +1,4 @@
-"""vitcore.data.stream: ShardStream's batches, seeding, corrupt data, resume and workers."""
+"""vitcore.data.stream, .plan, .pipeline: ShardStream's batches, seeding, corrupt data, resume and workers."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ def test_stream_gives_up_when_no_shard_is_readable(tmp_path: Path) -> None:
 
 
 def test_stream_gives_up_when_every_sample_fails(make_shards, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vitcore.data.stream as stream_module
+    import vitcore.data.pipeline as pipeline_module
 
     bad = make_shards({"bad.tar": [(f"{i:03d}", {"jpg": b"not a jpeg"}) for i in range(8)]}, None, index=False)
-    monkeypatch.setattr(stream_module, "FAILED_SAMPLES_IN_A_ROW", 20)  # 1000 in production
+    monkeypatch.setattr(pipeline_module, "FAILED_SAMPLES_IN_A_ROW", 20)  # 1000 in production
     stream = ShardStream(str(bad / "bad.tar"), pretrain_transform(8), 2, num_workers=0, epoch_samples=10,
                          labeled=False)
     with pytest.raises(RuntimeError, match="20 samples in a row failed"):
@@ -40,7 +40,7 @@ def test_stream_gives_up_when_every_sample_fails(make_shards, monkeypatch: pytes
 
 
 def test_shards_are_drawn_in_proportion_to_their_size() -> None:
-    from vitcore.data.stream import _resampled
+    from vitcore.data.plan import _resampled
 
     draws = _resampled(["big", "small"], [900, 100], random.Random(0))
     picks = [next(draws) for _ in range(20000)]
@@ -50,7 +50,7 @@ def test_shards_are_drawn_in_proportion_to_their_size() -> None:
 
 
 def test_shuffle_buffer_is_a_seeded_permutation() -> None:
-    from vitcore.data.stream import _shuffled
+    from vitcore.data.pipeline import _shuffled
 
     def shuffled(n: int, bufsize: int, seed: int) -> list[int]:
         return list(_shuffled(iter(range(n)), bufsize, random.Random(seed)))
@@ -280,3 +280,47 @@ def test_pin_memory_reaches_the_data_loader(shard_dir: Path, monkeypatch: pytest
             stream = ShardStream(str(shard_dir), pretrain_transform(8), 4, num_workers=num_workers, pin_memory=pin)
             assert len(_epoch(stream)) == len(stream) and len(_epoch(stream)) == len(stream)
     assert asked == [(False, False), (False, True), (True, False), (True, True)]  # one loader per stream
+
+
+def _attribute_of(stream: ShardStream, key: str) -> object:
+    """The attribute a state key names: `key` itself, or `_key` when it is private; never both."""
+    public, private = hasattr(stream, key), hasattr(stream, "_" + key)
+    assert public != private, f"state key {key!r}: attributes {key!r} {public}, {'_' + key!r} {private}"
+    return getattr(stream, key if public else "_" + key)
+
+
+def test_state_keys_name_the_attributes_holding_them(shard_dir: Path) -> None:
+    """So that the checkpoint's keys and the code's names cannot drift apart again."""
+    def check(stream: ShardStream) -> None:
+        for key, value in stream.state_dict().items():
+            attribute = _attribute_of(stream, key)
+            assert value == (attribute if attribute is not None else []), key  # None: no stream ran yet
+
+    stream = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=8)
+    check(stream)
+    for _, _batch in zip(range(3), stream):  # mid-epoch: every counter in use
+        pass
+    check(stream)
+    check(ShardStream.exactly_once(str(shard_dir), eval_transform(8), 2, num_workers=0))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_state_with_the_old_keys_resumes_identically(corrupt_dir: Path, num_workers: int) -> None:
+    """Checkpoints written before the keys were renamed ("segment", "offsets", "num_workers") resume."""
+    def make() -> ShardStream:
+        return ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=num_workers, shuffle_buffer=6)
+
+    reference = make()
+    expected = _epoch(reference) + _epoch(reference)
+    interrupted = make()
+    head = [b for _, b in zip(range(5), interrupted)]
+    new = json.loads(json.dumps(interrupted.state_dict()))
+    old = {{"plans_start": "segment", "stream_consumed": "offsets", "num_streams": "num_workers"}.get(k, k): v
+           for k, v in new.items()}
+    assert set(old) == {"epoch", "batches", "seed", "skipped", "segment", "rank", "world_size", "num_workers",
+                        "batch_size", "epoch_samples", "offsets"}  # the keys as they were written before
+    resumed = make()
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == new
+    rest = _epoch(resumed) + _epoch(resumed)
+    assert _same_batches(head + rest, expected) and resumed.skipped == reference.skipped > 0

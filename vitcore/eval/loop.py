@@ -1,7 +1,7 @@
 """The one evaluation loop, shared by every stage and by `python -m finetune.evaluate`.
 
-It walks an exactly-once `ShardStream` (no resampling, no shuffle, no dropped last batch): each
-rank reads its own share of the validation samples (see `vitcore.data.stream` for how the work
+It walks an exactly-once `ShardStream` (`ShardStream.exactly_once`): each
+rank reads its own share of the validation samples (see `vitcore.data.plan` for how the work
 is divided, within shards when there are fewer shards than ranks). Per rank it keeps additive
 sums on the device (top-1 and top-5 hits, loss sum, predictions, images, and a confusion matrix
 when asked), then does ONE all-reduce after the loop: ranks may hold different batch counts, so

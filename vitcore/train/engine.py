@@ -253,14 +253,14 @@ class Trainer:
 
     def _exactly_once(self, shards: str, batch_size: int, num_workers: int, labeled: bool) -> ShardStream:
         """A stream for evaluation: each sample once over all ranks, in index order, no sample dropped."""
-        return ShardStream(shards, self.task.eval_transform, batch_size, rank=self.accelerator.process_index,
-                           world_size=self.accelerator.num_processes, num_workers=num_workers, seed=self.cfg.run.seed,
-                           labeled=labeled, shuffle_buffer=0, drop_last=False, resampled=False, pin_memory=self._pin)
+        return ShardStream.exactly_once(shards, self.task.eval_transform, batch_size,
+                                        rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+                                        num_workers=num_workers, seed=self.cfg.run.seed, labeled=labeled,
+                                        pin_memory=self._pin)
 
     def _first_batch(self, shards: str, size: int, labeled: bool) -> dict[str, Any]:
         """The first `size` samples of `shards` in index order: the fixed images drawn at every evaluation."""
-        first = ShardStream(shards, self.task.eval_transform, size, num_workers=0, labeled=labeled, shuffle_buffer=0,
-                            drop_last=False, resampled=False)
+        first = ShardStream.exactly_once(shards, self.task.eval_transform, size, num_workers=0, labeled=labeled)
         return next(iter(first))
 
     # -- the loop -------------------------------------------------------------------------------
