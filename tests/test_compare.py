@@ -89,8 +89,9 @@ def test_sweep_table_lists_every_run_and_picks_the_best(tmp_path):
     assert "| pretrained | 0.001 | 40 | 45.0% (chosen) |" in table and "| scratch | 0.001 | 40 | 20.0% |" in table
 
 
-def test_readme_shows_the_shipped_experiment_results():
-    """The README's results table is the one `make experiment` wrote to docs/ at this commit."""
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_the_docs_show_the_shipped_experiment_results(page):
+    """The results table of the README and of docs/results.md is the one `make experiment` wrote to docs/ at this commit."""
     res = json.loads((ROOT / "docs" / "experiment-results.json").read_text())
     assert set(REGIMES) - {"all"} <= res.keys()
-    assert markdown(res) in (ROOT / "README.md").read_text()
+    assert markdown(res) in (ROOT / page).read_text()

@@ -155,17 +155,21 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path):
         load_config(PretrainConfig, path)
 
 
+# Every page a reader runs commands from: the README and the docs pages beside it.
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def _documented_overrides():
-    """Every `key=value` the README and the shipped recipes show, for a key of a stage's schema."""
+    """Every `key=value` the README, the docs pages and the shipped recipes show, for a key of a stage's schema."""
     keys = {f for schema in (PretrainConfig, FinetuneConfig) for f in typing.get_type_hints(schema)}
     pattern = re.compile(r"(?<![\w.\-/$])((?:[a-z_]+\.)*[a-z_]+)=([^\s`),;]*)")
-    texts = [ROOT / "README.md", *sorted((ROOT / "configs").rglob("*.yaml"))]
+    texts = [*DOC_PAGES, *sorted((ROOT / "configs").rglob("*.yaml"))]
     found = {(m[1], m[2]) for path in texts for m in pattern.finditer(path.read_text())}
     return sorted((key, value) for key, value in found if key.split(".")[0] in keys)
 
 
 DOCUMENTED = _documented_overrides()
-# What a documented override needs beside it to pass validation alone (the README shows them together).
+# What a documented override needs beside it to pass validation alone (the docs show them together).
 NEEDS = {"monitor.train_shards": ["monitor.val_shards=v"], "monitor.val_shards": ["monitor.train_shards=t"],
          "model.variant": ["model.image_size=224"]}  # 224: a multiple of every documented patch size
 
@@ -192,13 +196,28 @@ def test_every_documented_override_parses_as_written(key, text, tmp_path, monkey
     assert cfg == {bool: lambda t: t == "true"}.get(kind, kind)(text)
 
 
-README_COMMANDS = [shlex.split(line.split("#")[0]) for line in
-                   re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text()).splitlines()  # joined continuations
-                   if re.match(r"\s+accelerate launch .*(pretrain|finetune)/run\.py", line)]
+def _documented_launch_lines():
+    """(page, argv) of every indented `[VAR=value ...] accelerate launch ... {pretrain,finetune}/run.py` line of every doc page."""
+    found = []
+    for page in DOC_PAGES:
+        text = re.sub(r"\\\n\s*", " ", page.read_text())  # joined continuations
+        found += [(page.relative_to(ROOT).as_posix(), shlex.split(line.split("#")[0])) for line in text.splitlines()
+                  if re.match(r"\s+(\w+=\S*\s+)*accelerate launch .*(pretrain|finetune)/run\.py", line)]
+    return found
 
 
-@pytest.mark.parametrize("command", README_COMMANDS, ids=" ".join)
-def test_every_readme_launch_line_loads(command, tmp_path, monkeypatch):
+DOC_COMMANDS = _documented_launch_lines()
+
+
+def test_the_docs_show_launch_lines():
+    """The launch-line test below must see lines: with none it would pass vacuously (parametrize skips)."""
+    pages = {page for page, _ in DOC_COMMANDS}
+    assert {"README.md", "docs/pretraining.md", "docs/finetuning.md", "docs/scaling.md"} <= pages, pages
+    assert len(DOC_COMMANDS) >= 10, DOC_COMMANDS
+
+
+@pytest.mark.parametrize("page,command", DOC_COMMANDS, ids=[f"{p}: {' '.join(c)}" for p, c in DOC_COMMANDS])
+def test_every_documented_launch_line_loads(page, command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     script = next(i for i, word in enumerate(command) if word.endswith("/run.py"))
     argv = [str(ROOT / w) if w.startswith("configs/") else w for w in command[script + 1:]]

@@ -1,5 +1,5 @@
 """Two CPU processes through `accelerate launch` (gloo): `ACCELERATE_USE_CPU=1` with a multi-process
-launch, what launch/cpu_2proc.yaml and the README's 2-CPU-process line do (`--cpu` alone starts one)."""
+launch, what launch/cpu_2proc.yaml and docs/pretraining.md's 2-CPU-process line do (`--cpu` alone starts one)."""
 
 import os
 import shutil
