@@ -1,3 +1,6 @@
+import sys
+
+import pytest
 import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
@@ -64,9 +67,14 @@ def test_overlay_shape_and_range():
     torch.testing.assert_close(grid[:, 2:34, 2:34], images[0].float() / 255)  # top row: the images
 
 
-def test_confusion_image_shape_range_and_diagonal():
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+
+
+def test_confusion_image_without_matplotlib_is_the_bare_heat_map(no_matplotlib):
     c, cell = 5, 16
-    image = confusion_image(torch.diag(torch.tensor([3, 10, 1, 7, 2])), cell=cell)
+    image = confusion_image(torch.diag(torch.tensor([3, 10, 1, 7, 2])), list("abcde"), cell=cell)
     assert image.shape == (3, c * cell, c * cell)
     assert image.min() >= 0 and image.max() <= 1
     centre = cell // 2
@@ -76,11 +84,40 @@ def test_confusion_image_shape_range_and_diagonal():
     assert (off < 0.05).all()
 
 
-def test_confusion_image_row_normalised():
-    image = confusion_image(torch.tensor([[50, 50], [0, 0]]), cell=8)
+def test_confusion_image_without_matplotlib_is_row_normalised(no_matplotlib):
+    image = confusion_image(torch.tensor([[50, 50], [0, 0]]), ["a", "b"], cell=8)
     centres = image[:, 4::8, 4::8]  # (3, 2, 2)
     torch.testing.assert_close(centres[:, 0, 0], centres[:, 0, 1])  # a 50/50 row: equal halves
     assert centres.mean(0)[1].max() < 0.05  # an empty row is dark
+
+
+def test_confusion_figure_names_the_classes_writes_the_counts_and_has_a_colour_scale():
+    pytest.importorskip("matplotlib")
+    from vitcore.report.attention import _confusion_figure
+
+    counts = torch.tensor([[5., 1., 0.], [2., 7., 1.], [0., 0., 0.]])
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    names = ["cat", "dog", "eel"]
+    fig = _confusion_figure(counts, rates, names)
+    ax, bar = fig.axes  # the matrix and its colour bar
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert ax.get_xlabel() == "predicted class" and ax.get_ylabel() == "true class"
+    # the count of cell (true i, predicted j) is written at x=j, y=i
+    assert {(int(t.get_position()[1]), int(t.get_position()[0])): t.get_text() for t in ax.texts} == \
+        {(i, j): str(int(counts[i, j])) for i in range(3) for j in range(3)}
+    assert bar.get_ylim() == (0.0, 1.0) and bar.get_ylabel() == "share of the true class"
+    torch.testing.assert_close(torch.as_tensor(ax.images[0].get_array()).float(), rates)
+
+
+def test_confusion_image_with_matplotlib_is_a_picture_for_tensorboard():
+    pytest.importorskip("matplotlib")
+    image = confusion_image(torch.diag(torch.tensor([3, 10, 1, 7, 2])), ["a", "b", "c", "d", "e"])
+    assert image.ndim == 3 and image.shape[0] == 3 and min(image.shape[1:]) > 5 * 16  # larger than the bare map
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
+    assert confusion_image(torch.eye(2), None).shape[0] == 3  # None: the class indices
+    with pytest.raises(ValueError, match="2 class names for a 3-class"):
+        confusion_image(torch.eye(3), ["a", "b"])
 
 
 def test_save_png_round_trips(tmp_path):

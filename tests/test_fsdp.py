@@ -59,6 +59,8 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 model, optimizer = build()
+with sharding.standalone_forwards(model):  # the encoder alone before any forward of the root, as an early evaluation
+    standalone = tuple(model.forward_tokens(*model.embed_patches(torch.zeros(2, 3, 32, 32))).pooled.shape) == (2, 64)
 qkv = model.blocks[0].attn.qkv.weight  # (192, 64), split by rows: 96 on each rank
 sharded = type(qkv).__name__ == "DTensor" and tuple(qkv.to_local().shape) == (96, 64)
 train(model, optimizer, range(3))
@@ -83,7 +85,7 @@ model, optimizer = build(saved_weights)  # control: the optimizer state not rest
 fresh = train(model, optimizer, range(3, 5))
 
 if rank == 0:
-    json.dump({"sharded": sharded, "keys": list(weights) == list(ViT(ViTConfig.from_variant("Pico/8", image_size=32, num_classes=10)).state_dict()),
+    json.dump({"sharded": sharded, "standalone": standalone, "keys": list(weights) == list(ViT(ViTConfig.from_variant("Pico/8", image_size=32, num_classes=10)).state_dict()),
                "steps": sorted({float(s["step"]) for s in state["state"].values()}),
                "before_prepare": max_diff(reference, before_prepare), "after_prepare": max_diff(reference, after_prepare),
                "fresh": max_diff(reference, fresh)}, open(f"{out}/result.json", "w"))
@@ -99,6 +101,8 @@ def test_fsdp2_checkpoint_round_trip_resumes_exactly(tmp_path):
     r = json.loads((tmp_path / "result.json").read_text())
 
     assert r["sharded"], "the parameters were not sharded: the run was not FSDP"
+    # a submodule's forward inside `standalone_forwards` before the root's first forward, then training
+    assert r["standalone"], r
     assert r["keys"], "the gathered weights are not keyed as the unwrapped model's"
     assert r["steps"] == [3.0], f"the saved optimizer state is not step 3's: {r['steps']}"
     # resuming from the checkpoint continues exactly as the uninterrupted run, whether the weights are
@@ -148,3 +152,24 @@ def test_one_process_round_trip_through_the_same_functions():
     assert torch.equal(next(iter(weights.values())), next(resumed.parameters()))  # the snapshot: step 2's
     train(resumed, resumed_optimizer, [2, 3])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_standalone_forwards_private_fsdp2_call_is_pinned():
+    """`sharding.standalone_forwards` calls FSDP2's private `model._get_fsdp_state()._lazy_init()`:
+    torch 2.14.1 has no public call that makes a module the root (only the root's first forward does,
+    through `FSDPState._root_pre_forward`; `FSDPModule.unshard()` initialises the module's own
+    parameter groups only). The round trip above checks that it works; this names the version."""
+    import inspect
+
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    hint = (f"torch {torch.__version__}: vitcore.sharding.standalone_forwards relies on FSDP2's private "
+            "FSDPModule._get_fsdp_state() and FSDPState._lazy_init() as in torch 2.14.1. Re-read "
+            "torch/distributed/fsdp/_fully_shard/ (_fully_shard.py, _fsdp_state.py): use a public call that "
+            "initialises the root if one exists now, otherwise adapt the private call; then update this pin.")
+    assert torch.__version__.split("+")[0] == "2.14.1", hint
+    assert callable(getattr(FSDPModule, "_get_fsdp_state", None)), hint
+    assert callable(getattr(FSDPState, "_lazy_init", None)), hint
+    assert "self._lazy_init()" in inspect.getsource(FSDPState._root_pre_forward), hint

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from vitcore.atomic import fsync
+
 WEIGHTS, STATE, META = "model.safetensors", "train_state.pt", "meta.json"
 PREFIX, TMP = "step-", ".tmp-"
 
@@ -102,7 +104,7 @@ def save_checkpoint(
     torch.save(train_state, tmp / STATE)
     (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
     for f in [*tmp.iterdir(), tmp]:
-        _fsync(f)
+        fsync(f)
     if final.exists():
         # Only an orphan may be replaced: a save that crashed after its rename but before the
         # `latest` swap, re-made by the resumed run. Replacing what `latest` points at could
@@ -112,13 +114,13 @@ def save_checkpoint(
             raise FileExistsError(f"{final} is the latest checkpoint; refusing to replace it")
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(ckpt_dir)
+    fsync(ckpt_dir)
     for name in ("latest", "best") if best else ("latest",):
         link = ckpt_dir / f"{TMP}{name}-{os.getpid()}"
         link.unlink(missing_ok=True)
         link.symlink_to(final.name)
         os.replace(link, ckpt_dir / name)
-    _fsync(ckpt_dir)  # the new links are durable before pruning deletes anything
+    fsync(ckpt_dir)  # the new links are durable before pruning deletes anything
     _prune(ckpt_dir, keep_last)
     return final
 
@@ -181,14 +183,6 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             leftover.unlink(missing_ok=True)
         elif leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def host_copy(obj: Any) -> Any:

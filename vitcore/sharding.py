@@ -92,12 +92,17 @@ def standalone_forwards(model: nn.Module) -> Iterator[None]:
     but the root's (patch and position embeddings, heads: everything outside the Blocks) are
     gathered only by the root's forward, so a submodule called alone would meet shards. They are
     gathered here until the block ends. FSDP2 also takes the first module to run forward as the
-    root, so the root is initialised first (there is no public call for it). Without FSDP2, nothing.
+    root, so the root is initialised first (torch 2.14 has no public call for it). Without FSDP2, nothing.
     Every rank enters, and runs the same number of forwards inside (see `even_batches`)."""
     if not isinstance(model, FSDPModule):
         yield
         return
-    model._get_fsdp_state()._lazy_init()  # a no-op once the root has run forward
+    # Private FSDP2 API, pinned to torch 2.14.1 by tests/test_fsdp.py: in torch 2.14 only the root's
+    # forward pre-hook (`FSDPState._root_pre_forward`) runs `_lazy_init`, which marks this module the
+    # root and every Block's state a non-root. `model.unshard()` initialises only the module's own
+    # parameter groups, so a Block that ran forward first would make itself a root, and the next
+    # training forward would raise. A no-op once the root has run forward.
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield

@@ -32,7 +32,7 @@ OPTIONAL = ("head.weight", "head.bias")  # the target's classifier: kept as buil
 
 @dataclass
 class LoadReport:
-    source: str  # "pretraining checkpoint <dir> (step N)" or "timm state dict <file>"
+    source: str  # "checkpoint <dir> (<stage>, step N)" or "timm state dict <file>"
     loaded: list[str] = field(default_factory=list)  # target keys copied from the source
     skipped: list[str] = field(default_factory=list)  # source keys dropped on purpose, by source name
     pos_embed: str | None = None  # "pos_embed 8x8 -> 12x12"; None when the grid is unchanged
@@ -138,7 +138,7 @@ def _read_checkpoint(ckpt: Path) -> _Source:
     """Our checkpoint: the encoder's weights under meta["encoder_prefix"], prefix stripped."""
     meta = checkpoint.load_meta(ckpt)
     stage = meta.get("stage", "unknown")
-    description = f"{'pretraining' if stage == 'pretrain' else stage} checkpoint {ckpt} (step {meta.get('step')})"
+    description = f"checkpoint {ckpt} ({stage}, step {meta.get('step')})"
     if "encoder_prefix" not in meta or "arch" not in meta:
         raise ValueError(f"init_from: {description} has no encoder_prefix/arch in its {checkpoint.META}")
     prefix, arch = meta["encoder_prefix"], meta["arch"]

@@ -11,6 +11,7 @@ takes them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,21 +145,72 @@ def _blend(pictures: torch.Tensor, maps: torch.Tensor, alpha: float) -> torch.Te
     return (1.0 - alpha) * pictures + alpha * heat
 
 
-def confusion_image(matrix: torch.Tensor, cell: int = 16) -> torch.Tensor:
-    """Heat map of a (C, C) confusion matrix (rows true, columns predicted), each row normalised.
+def confusion_image(matrix: torch.Tensor, class_names: Sequence[str] | None, cell: int = 16) -> torch.Tensor:
+    """A (C, C) confusion matrix of counts (rows: true class, columns: predicted) as a (3, H, W)
+    float image in [0, 1], coloured by each row's share (a row is one true class's images).
 
-    -> (3, C * cell, C * cell) float in [0, 1], `cell` pixels per entry, with 1-pixel grey grid lines
-    between cells when cell >= 4. A row with no samples is drawn as zeros.
+    With matplotlib: a figure with `class_names` (None: the class indices) on both axes, the count
+    in every cell (up to `MAX_COUNTS` classes) and a colour scale. Without it (an optional extra):
+    the bare heat map, `cell` pixels per entry, with 1-pixel grey grid lines between cells when
+    cell >= 4. A row with no samples is drawn as zeros.
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"expected a square (C, C) matrix, got {tuple(matrix.shape)}")
-    m = matrix.detach().float()
+    class_names = [str(c) for c in range(matrix.shape[0])] if class_names is None else class_names
+    if len(class_names) != matrix.shape[0]:
+        raise ValueError(f"{len(class_names)} class names for a {matrix.shape[0]}-class confusion matrix")
+    m = matrix.detach().float().cpu()
     totals = m.sum(dim=1, keepdim=True)  # (C, 1)
     rates = torch.where(totals > 0, m / totals.clamp_min(1e-12), torch.zeros_like(m))  # (C, C)
+    try:
+        figure = _confusion_figure(m, rates, class_names)
+    except ImportError:  # matplotlib is an optional extra
+        return _heat_map(rates, cell)
+    return _render(figure)
+
+
+MAX_COUNTS = 40  # above this many classes the cells are too small to hold their counts
+
+
+def _confusion_figure(counts: torch.Tensor, rates: torch.Tensor, class_names: Sequence[str]) -> Any:
+    """A matplotlib Figure (no pyplot state) of the matrix: names on the axes, counts, colour bar."""
+    from matplotlib.figure import Figure
+
+    c = counts.shape[0]
+    side = min(3.0 + 0.45 * c, 30.0)  # inches: the figure grows with the classes, to a bound
+    fig = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    shown = ax.imshow(rates.numpy(), cmap="inferno", vmin=0.0, vmax=1.0)
+    fig.colorbar(shown, ax=ax, label="share of the true class", shrink=0.8)
+    ax.set_xticks(range(c), [str(n) for n in class_names], rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(c), [str(n) for n in class_names])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if c <= MAX_COUNTS:
+        for i in range(c):
+            for j in range(c):  # dark text on the bright end of the ramp, light on the dark end
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
+                        color="black" if rates[i, j] > 0.6 else "white")
+    return fig
+
+
+def _render(fig: Any) -> torch.Tensor:
+    """A matplotlib Figure -> (3, H, W) float image in [0, 1]."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = torch.from_numpy(np.asarray(canvas.buffer_rgba()).copy())  # (H, W, 4) uint8
+    return rgba[..., :3].permute(2, 0, 1).float() / 255.0
+
+
+def _heat_map(rates: torch.Tensor, cell: int) -> torch.Tensor:
+    """(C, C) rates in [0, 1] -> (3, C * cell, C * cell) colours, grey grid lines when cell >= 4."""
     image = colormap(rates).permute(2, 0, 1)  # (3, C, C)
     image = image.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)  # (3, C*cell, C*cell)
     if cell >= 4:
-        lines = torch.arange(1, matrix.shape[0], device=image.device) * cell
+        lines = torch.arange(1, rates.shape[0], device=image.device) * cell
         image[:, lines, :] = 0.5
         image[:, :, lines] = 0.5
     return image

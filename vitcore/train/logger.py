@@ -75,12 +75,12 @@ class Monitor:
         shown = ", ".join(f"{k} {v:.2%}" for k, v in scalars.items() if "top1" in k or "top5" in k)
         tqdm.write(f"step {step} {section}: {shown} ({int(images)} images)")
 
-    def confusion(self, step: int, matrix: torch.Tensor) -> None:
+    def confusion(self, step: int, matrix: torch.Tensor, class_names: list[str] | None = None) -> None:
         """A (C, C) confusion matrix of counts (rows: true class) as a TensorBoard image."""
         if self.enabled:
             from vitcore.report.attention import confusion_image
 
-            self.image(step, "val/confusion", confusion_image(matrix))
+            self.image(step, "val/confusion", confusion_image(matrix, class_names))
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """A (3, H, W) float image in [0, 1]."""
