@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -29,6 +30,9 @@ from vitcore.data.transforms import DECODE_ERRORS, decode_image
 
 MAX_CHUNK = 16  # records per task: big enough to amortise the pickling round trip, small for memory
 CHUNKS_PER_WORKER = 2  # in flight: one being encoded, one queued so that no worker waits on the parent
+# PIL names the buffer it failed to read ("cannot identify image file <_io.BytesIO object at 0x7f..>"):
+# a memory address, which would make skipped.txt differ between runs and processes.
+_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def encode_record(record: Record, resize: int | None, quality: int) -> Encoded:
     try:
         files = {"jpg": encode_jpeg(record.image, resize, quality)}
     except DECODE_ERRORS as exc:  # only a broken image is skipped; anything else is a real error
-        return Encoded(record.key, None, f"{type(exc).__name__}: {exc}")
+        return Encoded(record.key, None, _ADDRESS.sub("", f"{type(exc).__name__}: {exc}"))
     if record.label is not None:
         files["cls"] = str(record.label).encode()
     return Encoded(record.key, files, None)

@@ -206,8 +206,8 @@ def write_shards(
         sink = _ShardSink(out, samples_per_shard, max_bytes, kept=state.shards[:], on_commit=state.add)
         done = state.consumed
         if done:
-            log.info("resuming %s: %d shards (%d of %d records) already written", out, len(state.shards), done,
-                     len(order))
+            log.info("resuming %s: %d shards (%d of %d records) already written%s", out, len(state.shards), done,
+                     len(order), "; nothing left to write" if done == len(order) else "")
         # No more processes than there are chunks to encode: a small folder needs no pool of 64.
         chunk = chunk_size(workers, samples_per_shard)
         procs = min(workers, -(-(len(order) - done) // chunk))
