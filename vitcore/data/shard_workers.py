@@ -15,6 +15,7 @@ import io
 import multiprocessing
 import os
 import re
+import signal
 import threading
 import time
 from collections import deque
@@ -78,7 +79,9 @@ def _encode_chunk(chunk: list[Record], resize: int | None, quality: int) -> list
 
 def _exit_with_parent(parent: int) -> None:
     """Worker initializer: end this worker when the writer dies. A SIGKILLed parent closes no pipes
-    the workers wait on (they share the task queue's ends), so without this they would live on."""
+    the workers wait on (they share the task queue's ends), so without this they would live on.
+    Ctrl-C is left to the parent, which then shuts the pool down (no traceback from every worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent:

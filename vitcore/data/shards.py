@@ -29,6 +29,7 @@ import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -214,11 +215,12 @@ def write_shards(
         encoded = encode_records(src.read(order[done:]), resize, quality, procs, chunk)
         bar = tqdm(encoded, total=len(order), initial=done, unit="img", desc=f"shards -> {out}",
                    disable=not progress, smoothing=0.1)
-        for record, sample in enumerate(bar, start=done):
-            if sample.files is None:
-                sink.skip(f"{sample.key}\t{sample.error}")
-            else:
-                sink.add(sample.key, sample.files, record)
+        with closing(encoded), bar:  # an error here (a full disk) stops the workers now, not at garbage collection
+            for record, sample in enumerate(bar, start=done):
+                if sample.files is None:
+                    sink.skip(f"{sample.key}\t{sample.error}")
+                else:
+                    sink.add(sample.key, sample.files, record)
         shards, unaccounted = sink.close(len(order))
         skipped = state.skipped + unaccounted
         classes = src.classes
