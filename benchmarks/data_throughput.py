@@ -80,7 +80,8 @@ def build_shards(tar: Path, out: Path, images: int, resize: int | None, shards: 
             return out
     except FileNotFoundError:
         pass
-    write_shards(str(tar), out, split="train", resize=resize, limit=images, samples_per_shard=-(-images // shards))
+    write_shards(str(tar), out, split="train", resize=resize, limit=images, samples_per_shard=-(-images // shards),
+                 overwrite=True)  # another recipe: the cache folder is rewritten, not resumed
     return out
 
 

@@ -75,8 +75,8 @@ def test_shuffle_is_seeded_and_shards_roll_by_bytes(image_folder: Path, tmp_path
     index = write_shards(str(image_folder), tmp_path / "e", max_bytes=3000, resize=24, progress=False)
     assert len(index["shards"]) > 3
     assert all((tmp_path / "e" / s["name"]).stat().st_size <= 3000 for s in index["shards"] if s["samples"] > 1)
-    # A rerun that writes fewer shards removes the stale ones.
-    write_shards(str(image_folder), tmp_path / "e", samples_per_shard=100, progress=False)
+    # A rerun that writes fewer shards removes the stale ones (other arguments: only with overwrite).
+    write_shards(str(image_folder), tmp_path / "e", samples_per_shard=100, progress=False, overwrite=True)
     assert [p.name for p in (tmp_path / "e").glob("shard-*")] == ["shard-000000.tar"]
 
 
@@ -159,12 +159,12 @@ def test_a_crash_mid_rewrite_leaves_no_stale_index(image_folder: Path, tmp_path:
     assert (out / "index.json").is_file()
     from vitcore.data import shards as shards_module
 
-    def full_disk(self, key: str, files: dict) -> None:
+    def full_disk(self, key: str, files: dict, record: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shards_module._ShardSink, "add", full_disk)
     with pytest.raises(OSError, match="No space left"):  # an error, not 39 "skipped images"
-        write_shards(str(image_folder), out, samples_per_shard=5, progress=False)
+        write_shards(str(image_folder), out, samples_per_shard=4, progress=False, overwrite=True)
     assert not (out / "index.json").exists()  # readers get "shard index not found", not a mix
 
 
