@@ -3,7 +3,7 @@
 Both read the same Imagenette train images with the same augmentation (random resized crop to the
 pretraining size + flip, uint8 out), batch size and worker count; shards are built once by the
 project's shard writer into a cache folder, with and without a pre-resize. Each path runs with the
-fused transform (`pretrain_transform`: crop box from the JPEG header, DCT-reduced decode, one
+fused transform (`train_transform`: crop box from the JPEG header, DCT-reduced decode, one
 resize) and with the torchvision v2 pipeline it replaced. ImageFolder's default loader decodes the
 whole image before any transform, so it gets no draft; the fused transform still saves it the v2
 dispatch. The headline compares the best shard path with the best ImageFolder path.
@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from vitcore.data import ShardStream, open_image, open_source, pretrain_transform, read_index, resolve_shards
+from pretrain.task import CROP_SCALE
+from vitcore.data import ShardStream, open_image, open_source, read_index, resolve_shards, train_transform
 from vitcore.data.shards import write_shards
 from vitcore.data.shards import shuffled_order
 
@@ -158,7 +159,7 @@ def peak_rss_mib(shard_dir: Path, args: argparse.Namespace) -> dict[str, float]:
 
 
 def rss_probe(args: argparse.Namespace) -> None:
-    stream = ShardStream(args.rss_probe, pretrain_transform(args.size), args.batch_size, num_workers=args.workers)
+    stream = ShardStream(args.rss_probe, train_transform(args.size, CROP_SCALE), args.batch_size, num_workers=args.workers)
     for _ in stream:
         pass
     kib = 1024  # ru_maxrss is in KiB on Linux
@@ -183,7 +184,7 @@ def webdataset_anchor(shards: Path, transform: Callable, args: argparse.Namespac
     ratio = {name: {k: rates[WDS_OURS][k] / r[k] for k in r} for name, r in rates.items() if name != WDS_OURS}
     return {
         "shards": str(shards), "images": read_index(shards)["total"], "batch_size": bs, "workers": workers,
-        "shuffle_buffer": buffer, "transform": f"pretrain_transform({args.size})",
+        "shuffle_buffer": buffer, "transform": f"train_transform({args.size}, CROP_SCALE)",
         "decode": {WDS_OURS: "header-only open; the transform decodes with a DCT draft when the crop allows",
                    WDS_STOCK: "wds.decode('pilrgb'): full decode + RGB copy before the transform (no draft)",
                    WDS_SAME_DECODE: "header-only open_image, as ours: the same draft"},
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = extract_folder(args.tar, args.cache / "folder", args.images)
     prep_s = time.perf_counter() - t
 
-    fused, old = pretrain_transform(args.size), V2Transform(args.size)
+    fused, old = train_transform(args.size, CROP_SCALE), V2Transform(args.size)
     bs, workers = args.batch_size, args.workers
 
     def image_folder(tf: Callable) -> Callable[[], DataLoader]:

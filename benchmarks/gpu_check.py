@@ -23,7 +23,7 @@ random uint8 batch kept on the GPU, so the numbers are the step's, without JPEG 
 Attention is `F.scaled_dot_product_attention`; the kernels it dispatched to are recorded. Images/s
 is the batch over the median per-step time of blocks of 10 steps after the warm-up (compilation
 happens in the warm-up); MFU is the engine's: images/s per GPU x the task's training FLOPs per image
-(3x the encoder's forward matmul FLOPs) over the datasheet dense bf16 peak (vitcore.train.engine.PEAK_FLOPS).
+(3x the encoder's forward matmul FLOPs) over the datasheet dense bf16 peak (vitcore.train.metrics.PEAK_FLOPS).
 
 --budget-s is shared out by weight (mpp 1, finetune 1, mpp_2gpu 1.5, mpp_compile 3) over the parts
 still to run, so the seconds a part leaves unused go to the parts after it. Writes ONE JSON file
@@ -259,6 +259,8 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
     from train_throughput import matmul_peak, sync  # benchmarks/, this script's folder
 
     from vitcore.train import engine
+    from vitcore.train.metrics import Window
+    from vitcore.train.runstate import RunState
 
     engine._exit_with_launcher()  # under `accelerate launch`: die with the launcher (a cap's kill)
     phase("building the model")
@@ -270,8 +272,9 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
         if accel.num_processes != processes:
             raise RuntimeError(f"asked for {processes} process(es), the launch started {accel.num_processes}")
         trainer = engine.Trainer.__new__(engine.Trainer)  # the engine's step, without streams, monitor, checkpoints
-        trainer.cfg, trainer.task, trainer.accelerator, trainer.out_dir = cfg, task, accel, Path(cfg.run.out_dir)
-        model, optimizer, _ = trainer._restore(None)  # seeded build, the recipe's optimizer, accelerate.prepare
+        trainer.cfg, trainer.task, trainer.accelerator = cfg, task, accel
+        trainer.state = RunState(cfg, task, accel, stream=None)  # a stream only to resume one; none here
+        model, optimizer, _ = trainer.state.restore(None)  # seeded build, the recipe's optimizer, accelerate.prepare
         device = accel.device
         B, size = cfg.data.batch_size, cfg.model.image_size
         g = torch.Generator().manual_seed(0)
@@ -279,7 +282,7 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
         batch = {"image": torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, generator=g).to(device),
                  "label": labels, "key": []}
         batches = itertools.repeat(batch)
-        window = engine.Window(device)
+        window = Window(device)
         step = 0
 
         def train(n: int) -> None:
@@ -415,7 +418,7 @@ def check(args: argparse.Namespace, start: float) -> int:
     from scaling import free_port  # benchmarks/, this script's folder
 
     from vitcore.atomic import atomic_write_text
-    from vitcore.train.engine import PEAK_FLOPS
+    from vitcore.train.metrics import PEAK_FLOPS
 
     deadline = start + args.budget_s - reserve_s(args.budget_s)
     machine = machine_info(torch)
@@ -427,8 +430,8 @@ def check(args: argparse.Namespace, start: float) -> int:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": [Path(sys.executable).name, *sys.argv], "budget_s": args.budget_s, "wall_s": None,
         "machine": machine, "peak_flops": peak,
-        "peak_source": f"{gpu}: datasheet dense bf16 (vitcore.train.engine.PEAK_FLOPS)" if peak else
-                       f"{gpu} is not in vitcore.train.engine.PEAK_FLOPS: no MFU",
+        "peak_source": f"{gpu}: datasheet dense bf16 (vitcore.train.metrics.PEAK_FLOPS)" if peak else
+                       f"{gpu} is not in vitcore.train.metrics.PEAK_FLOPS: no MFU",
         "data": DATA, "steps": args.steps, "warmup_steps": args.warmup,
         "parts": {name: {"status": "pending", "what": PARTS[name][1]} for name in args.parts},
     }

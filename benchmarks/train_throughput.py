@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
-from vitcore.train.engine import PEAK_FLOPS
+from vitcore.train.metrics import PEAK_FLOPS
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
 
 RESULTS = Path(__file__).parent / "results"

@@ -26,7 +26,7 @@ from statistics import mean
 from typing import Any
 
 from vitcore.atomic import atomic_write_text
-from vitcore.train.logger import read_metrics
+from vitcore.rundir import read_metrics, read_summary
 
 ARMS = {  # key in results.json -> what the arm is
     "pretrained": "fine-tuned from the MPP encoder",
@@ -38,10 +38,7 @@ PROBES = {"pretrained": "linear probe, MPP encoder", "random": "linear probe, ra
 
 
 def summary(run: Path) -> dict[str, Any]:
-    path = run / "summary.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no summary.json (the run has not finished)")
-    return json.loads(path.read_text())
+    return read_summary(run)
 
 
 def matched_steps(pretrain: Path, finetune: Path) -> int:
@@ -132,7 +129,7 @@ def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:
     """(cumulative training TFLOPs, val top-1 %) at each of a run's evaluations."""
     s = summary(run)
     per_step = s["train_flops"] / s["steps"]
-    rows = [r for r in read_metrics(run / "metrics.jsonl") if "val/top1" in r]
+    rows = [r for r in read_metrics(run) if "val/top1" in r]
     return [(offset + r["step"] * per_step) / 1e12 for r in rows], [100 * r["val/top1"] for r in rows]
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitcore import checkpoint
-from vitcore.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, check
+from vitcore.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, StageConfig, check
 from vitcore.model.pretrained import TORCH_SUFFIXES
 
 DEMO_PRETRAINED = "runs/demo/pretrain/checkpoints/latest"
@@ -36,7 +36,7 @@ class FinetuneSection:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(StageConfig):
     # A pretraining checkpoint (its directory, a run's checkpoints/latest, or the run dir) or a timm
     # VisionTransformer state dict (.safetensors/.pth); null trains from scratch (the baseline).
     init_from: str | None = DEMO_PRETRAINED

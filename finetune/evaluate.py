@@ -19,9 +19,10 @@ from accelerate import Accelerator
 
 from vitcore import checkpoint
 from vitcore.data import ShardStream
-from vitcore.data.sources import check_same_classes
+from vitcore.data.classes import check_same_classes
 from vitcore.data.transforms import eval_transform, normalize
 from vitcore.eval.loop import coverage_problem, evaluate
+from vitcore.eval.metrics import classification_metrics, classification_sums
 from vitcore.model.pos_embed import grid_size
 from vitcore.model.pretrained import load_model
 from vitcore.model.vit import ViT
@@ -65,11 +66,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     vit.to(accelerator.device)
-    result = evaluate(accelerator, lambda batch: (vit(normalize(batch["image"])).logits, batch["label"]), stream)
+    result = evaluate(accelerator, lambda batch: classification_sums(vit(normalize(batch["image"])).logits,
+                                                                     batch["label"]), stream)
     problem = coverage_problem(result)
     if problem:
         accelerator.print(problem)
-    out = {"top1": result["top1"], "top5": result["top5"], "count": result["count"]}
+    metrics = classification_metrics(result["sums"])
+    out = {"top1": metrics["top1"], "top5": metrics["top5"], "count": result["count"]}
     accelerator.print(json.dumps(out))
     return out
 

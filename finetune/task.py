@@ -19,8 +19,11 @@ from finetune.config import FinetuneConfig
 from vitcore.report.attention import attention_maps
 from vitcore.config import ConfigError
 from vitcore.data import read_index
-from vitcore.data.transforms import eval_transform, finetune_train_transform, normalize
-from vitcore.train.engine import Task
+from vitcore.data.transforms import eval_transform, normalize, train_transform
+from vitcore.eval.loop import eval_mode
+from vitcore.eval.metrics import classification_metrics, classification_sums
+from vitcore.report.attention import confusion_image
+from vitcore.train.task import Task
 from vitcore.model.pretrained import load_encoder
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
 
@@ -68,6 +71,9 @@ class Classifier(nn.Module):
 class ClassifyTask(Task):
     name = "finetune"
     labeled = True
+    title = "fine-tuning"
+    metrics = {"top1": "max", "top5": "max", "loss": "min"}
+    best_metric = "top1"
     bar_keys = ("loss", "acc", "img_s")
     report_columns = (("loss", "loss", "{:.3f}"), ("train acc", "acc", "{:.1%}"), ("val top-1", "eval.top1", "{:.1%}"),
                       ("val top-5", "eval.top5", "{:.1%}"), ("EMA top-1", "eval_ema.top1", "{:.1%}"))
@@ -84,7 +90,7 @@ class ClassifyTask(Task):
         self.class_names: list[str] = list(index["classes"])
         ft = cfg.finetune
         size = cfg.model.image_size
-        self.transform = finetune_train_transform(size, ft.randaugment)
+        self.transform = train_transform(size, randaugment=ft.randaugment)
         self.eval_transform = eval_transform(size)
         self.log_lines: list[str] = []
         # MixUp and/or CutMix on the normalised batch (one of the two per batch when both are on)
@@ -121,8 +127,17 @@ class ClassifyTask(Task):
         acc = (logits.detach().argmax(-1) == labels).float().mean()
         return loss, {"acc": acc}
 
-    def predict(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        return model(normalize(batch["image"])).logits, batch["label"]
+    def eval_sums(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Top-1/top-5 hits, cross-entropy and the confusion matrix of one batch; `model` is a ViT
+        (the trained weights or their EMA)."""
+        return classification_sums(model(normalize(batch["image"])).logits, batch["label"], len(self.class_names))
+
+    def eval_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        return classification_metrics(sums)
+
+    def eval_images(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        matrix = sums["confusion"].view(len(self.class_names), len(self.class_names))  # (C, C), rows: true class
+        return {"val/confusion": confusion_image(matrix, self.class_names)}
 
     def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
         return {"": model.vit, **({"ema_": model.ema} if model.ema is not None else {})}
@@ -143,11 +158,8 @@ class ClassifyTask(Task):
                 "mode": ft.mode, "init_from": self.cfg.init_from, "ema": ft.ema_decay > 0}
 
     @torch.no_grad()
-    def visualize(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    def visualize(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Attention rollout of the trained weights over up to 8 images: images above, maps below."""
-        vit = model.vit
-        was_training = vit.training
-        vit.eval()
-        maps = attention_maps(vit, batch["image"][:8])  # (b, 3, H, W) uint8 images
-        vit.train(was_training)
-        return maps["attention_rollout"]
+        with eval_mode(model.vit) as vit:
+            maps = attention_maps(vit, batch["image"][:8])  # (b, 3, H, W) uint8 images
+        return {"attention/rollout": maps["attention_rollout"]}

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from pretrain.targets import TARGETS
-from vitcore.config import DataConfig, EvalConfig, ModelConfig, MonitorConfig, OptimConfig, RunConfig, check
+from vitcore.config import ModelConfig, RunConfig, StageConfig, check
 
 
 @dataclass
@@ -34,22 +34,16 @@ class MPPConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     # 48 px: the low resolution the fine-tuning stage (64 px) raises, at half the cost of 64 px
     model: ModelConfig = field(default_factory=lambda: ModelConfig(image_size=48))
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
     # 500 steps: MPP accuracy several times the most-frequent-colour baseline in ~4 minutes on 2 CPU cores.
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/pretrain", steps=500))
+    # eval.shards (`make demo` gives Imagenette val, labels unused): MPP accuracy on held-out images, or
+    # the validation loss for mpp.target=pixels; monitor: kNN and linear-probe top-1 while pretraining runs
     mpp: MPPConfig = field(default_factory=MPPConfig)
-    # MPP accuracy on held-out shards when given (`make demo` gives Imagenette val); labels unused
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    # kNN and linear-probe top-1 of the encoder's features on labelled shards while pretraining runs
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
-        check(self.eval.shards is None or self.mpp.target != "pixels", "eval.shards",
-              "evaluation scores colour classes; mpp.target=pixels has none (set eval.shards=null)")
         if self.mpp.target == "downsampled":
             check(self.model.patch_size % 4 == 0, "mpp.target",
                   f"downsampled targets need a patch size divisible by 4, got {self.model.patch_size}")

@@ -1,6 +1,6 @@
 """The masked patch prediction task: the model (encoder + [mask] token + head), loss and metrics.
 
-The engine knows nothing of MPP; it calls the `vitcore.train.engine.Task` methods implemented here.
+The engine knows nothing of MPP; it calls the `vitcore.train.task.Task` methods implemented here.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from torchvision.utils import make_grid
 from pretrain.config import MPPConfig, PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, Corruption, corrupt, corruption_counts
 from pretrain.targets import SUB, make_targets, num_outputs, patchify, render, unpatchify
-from vitcore.data.transforms import eval_transform, normalize, pretrain_transform
-from vitcore.train.engine import Task
+
+CROP_SCALE = (0.35, 1.0)  # area fraction of the random crops: milder than fine-tuning's (0.08, 1)
+from vitcore.data.transforms import eval_transform, normalize, train_transform
+from vitcore.eval.loop import eval_mode
+from vitcore.eval.metrics import classification_metrics, classification_sums, sum_dtype
+from vitcore.train.task import Task
 from vitcore.model.vit import ViT, ViTConfig
 
 
@@ -65,10 +69,13 @@ class MPPModel(nn.Module):
 
 class MPPTask(Task):
     """Masked patch prediction as an engine task. Its evaluation (on `eval.shards`, labels unused)
-    scores the predicted colours of the corrupted patches, with a fixed corruption per batch."""
+    scores the predicted colours of the corrupted patches (top-1, top-5, cross-entropy), or their
+    pixels' mean squared error for `mpp.target=pixels`, with a fixed corruption per batch."""
 
     name = "pretrain"  # recorded in checkpoints
     labeled = False  # self-supervised: shards need no labels
+    title = "pretraining"
+    curves = (("train loss", ("loss",)), ("MPP accuracy vs the most-frequent colour", ("acc", "baseline_acc")))
     bar_keys = ("loss", "acc", "baseline_acc", "img_s")
     report_columns = (("loss", "loss", "{:.3f}"), ("MPP acc", "acc", "{:.1%}"),
                       ("most-frequent-colour acc", "baseline_acc", "{:.1%}"), ("val MPP acc", "eval.top1", "{:.1%}"),
@@ -77,11 +84,15 @@ class MPPTask(Task):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
-        self.transform = pretrain_transform(cfg.model.image_size)  # PIL -> uint8 (3, H, W), in data workers
+        self.transform = train_transform(cfg.model.image_size, CROP_SCALE)  # PIL -> uint8 (3, H, W), in data workers
         self.eval_transform = eval_transform(cfg.model.image_size)
         self.mpp = cfg.mpp
         self.patch = cfg.model.patch_size
         self.num_colours = 2 ** (3 * cfg.mpp.bits)  # classes of a colour target (512 for 3 bits)
+        if cfg.mpp.target == "pixels":  # a regression: its evaluation is the validation loss
+            self.metrics, self.best_metric = {"loss": "min"}, "loss"
+        else:
+            self.metrics, self.best_metric = {"top1": "max", "top5": "max", "loss": "min"}, "top1"
 
     def build_model(self) -> MPPModel:
         m = self.cfg.model
@@ -129,16 +140,25 @@ class MPPTask(Task):
             metrics.update({f"acc_{name}": _masked_mean(correct, kind == code) for name, code in kinds})
         return loss, metrics
 
-    def predict(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
-        """Evaluation: colour logits (M, C) and targets (M,) of every corrupted patch (or sub-patch),
-        the corruption drawn from a fixed-seed generator (the training RNG is left alone)."""
-        if self.mpp.target == "pixels":
-            raise NotImplementedError("evaluation scores colour classes; mpp.target=pixels has none")
+    def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        """Colour top-1/top-5 hits and cross-entropy over every corrupted patch (or sub-patch), or
+        the pixels' squared error, the corruption drawn from a fixed-seed generator (the training
+        RNG is left alone)."""
         images = batch["image"]  # (B, 3, H, W) uint8
         generator = torch.Generator(images.device).manual_seed(0)
         logits, rec = model(normalize(images), generator)  # (B, K, outputs)
-        target = self.targets(images, rec.positions)  # (B, K[, 16])
-        return logits.reshape(-1, self.num_colours), target.flatten()
+        target = self.targets(images, rec.positions)  # (B, K[, 16]) or (B, K, 3*p*p)
+        if self.mpp.target == "pixels":
+            err = (logits.float() - target).pow(2).mean(-1)  # (B, K)
+            dtype = sum_dtype(err.device)
+            return {"loss": err.sum().to(dtype), "count": torch.tensor(float(err.numel()), dtype=dtype,
+                                                                       device=err.device)}
+        return classification_sums(logits.reshape(-1, self.num_colours), target.flatten())
+
+    def eval_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
+        if self.mpp.target == "pixels":
+            return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
+        return classification_metrics(sums)
 
     def _present_kinds(self, images: Tensor) -> list[tuple[str, int]]:
         """(name, code) of the corruption kinds each image has at least one patch of. Decided from
@@ -149,19 +169,17 @@ class MPPTask(Task):
         return [(name, code) for name, (code, count) in counts.items() if count > 0]
 
     @torch.no_grad()
-    def visualize(self, model: nn.Module, batch: dict) -> Tensor:
-        """(3, H', W') in [0, 1]: for up to 4 images, rows input / corrupted view / prediction
+    def visualize(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        """"mpp/predictions": (3, H', W') in [0, 1], for up to 4 images rows input / corrupted view / prediction
         (corrupted patches painted with the prediction, the rest dimmed) / target.
 
         Takes the unwrapped module (the engine passes it): only the main process draws, and a DDP
         forward on one rank alone could wait on collectives forever. Its own fixed-seed generator
         leaves the training RNG untouched (a run with images draws what one without would)."""
-        was_training = model.training
-        model.eval()
         images = batch["image"][:4]  # (b, 3, H, W) uint8
         generator = torch.Generator(images.device).manual_seed(0)
-        logits, rec = model(normalize(images), generator)  # (b, K, outputs)
-        model.train(was_training)
+        with eval_mode(model):
+            logits, rec = model(normalize(images), generator)  # (b, K, outputs)
         p, bits, kind = self.patch, self.mpp.bits, rec.kind[..., None]  # kind (b, K, 1)
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         x = patchify(images.float() / 255, p)  # (b, N, 3*p*p)
@@ -172,7 +190,7 @@ class MPPTask(Task):
         truth = render(make_targets(images, self.mpp.target, p, bits), self.mpp.target, p, bits)  # (b, N, 3*p*p)
         rows = [x, x.scatter(1, index, seen), (0.4 * x).scatter(1, index, predicted), truth]
         tiles = torch.cat([unpatchify(r, p, grid) for r in rows])  # (4*b, 3, H, W)
-        return make_grid(tiles, nrow=images.shape[0], padding=2, pad_value=1.0).clamp(0, 1)
+        return {"mpp/predictions": make_grid(tiles, nrow=images.shape[0], padding=2, pad_value=1.0).clamp(0, 1)}
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vitcore.data.shards import write_shards
-from vitcore.data.sources import check_same_classes, unique_class_names
+from vitcore.data.classes import check_same_classes, unique_class_names
 
 TRAIN = ["n01", "n02", "n03", "n04"]
 

@@ -97,10 +97,11 @@ def _evaluate_in_one_process(weights: dict[str, torch.Tensor], shards: Path, arg
     for rank in (0, 1):
         stream = ShardStream.exactly_once(str(shards), task.eval_transform, 32, rank=rank, world_size=2,
                                           num_workers=0, seed=cfg.run.seed, labeled=False)
-        r = evaluate(accel, lambda batch: task.predict(model, batch), stream)
-        hits, hits5 = hits + round(r["top1"] * r["predictions"]), hits5 + round(r["top5"] * r["predictions"])
-        loss += r["loss"] * r["predictions"]
-        predictions, images = predictions + r["predictions"], images + r["count"]
+        r = evaluate(accel, lambda batch: task.eval_sums(model, batch), stream)
+        m, n = task.eval_metrics(r["sums"]), int(r["sums"]["count"])
+        hits, hits5 = hits + round(m["top1"] * n), hits5 + round(m["top5"] * n)
+        loss += m["loss"] * n
+        predictions, images = predictions + n, images + r["count"]
     return {"top1": hits / predictions, "top5": hits5 / predictions, "loss": loss / predictions, "count": images}
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from shard_helpers import CLASSES
 
-from vitcore.data import ShardStream, pretrain_transform, read_index
+from pretrain.task import CROP_SCALE
+from vitcore.data import ShardStream, read_index, train_transform
 from vitcore.data.index import write_index
 
 
@@ -18,7 +19,7 @@ def test_a_corrupt_index_names_the_file_and_says_it_is_not_json(tmp_path: Path) 
         read_index(tmp_path)
     (tmp_path / "index.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=r"index.json is not valid JSON"):
-        ShardStream(str(tmp_path), pretrain_transform(8), 2)
+        ShardStream(str(tmp_path), train_transform(8, CROP_SCALE), 2)
     (tmp_path / "index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"index.json is not a shard index"):
         read_index(tmp_path / "index.json")
@@ -31,7 +32,7 @@ def test_index_shard_names_cannot_be_commands_or_escape_the_folder(shard_dir: Pa
         folder.mkdir()
         write_index(folder, [{**first, "name": name}], CLASSES)  # the writer writes any name; readers refuse
         with pytest.raises(ValueError, match="is not a file name in that folder"):
-            ShardStream(str(folder), pretrain_transform(8), 2)
+            ShardStream(str(folder), train_transform(8, CROP_SCALE), 2)
         with pytest.raises(ValueError, match=r"^/\S+/index.json: shard name .* is not a file name in that folder"):
             read_index(folder)
     assert not Path("pwned").exists()

@@ -250,7 +250,7 @@ def test_visualize_is_an_image_grid(target):
     task = task_for(target, corrupt_ratio=1.0, mask_prob=1.0, random_prob=0.0, keep_prob=0.0)
     model = task.build_model().train()
     state = torch.get_rng_state()
-    grid = task.visualize(model, batch_of(random_images(6)))
+    grid = task.visualize(model, batch_of(random_images(6)))["mpp/predictions"]
     assert torch.equal(torch.get_rng_state(), state)  # the training RNG is left alone
     assert grid.shape == (3, 4 * 34 + 2, 4 * 34 + 2)  # 4 rows x 4 images of 32 px, 2 px padding
     assert 0 <= grid.min() and grid.max() <= 1 and model.training

@@ -36,7 +36,9 @@ def _fake_run(run: Path, stage: str, images: dict[str, torch.Tensor]) -> Path:
         if stage == "pretrain" and step % 3 == 0:
             rows.append(probe(step))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
-    (run / "summary.json").write_text(json.dumps({"stage": stage, "steps": 6, "final": rows[-1]}))
+    declared = ({"title": "pretraining", "curves": [["train loss", ["loss"]], ["MPP accuracy", ["acc", "baseline_acc"]]]}
+                if stage == "pretrain" else {"title": "fine-tuning", "curves": [["train loss", ["loss"]]]})
+    (run / "summary.json").write_text(json.dumps({"stage": stage, "steps": 6, "final": rows[-1], **declared}))
     writer = SummaryWriter(str(run))
     for row in rows:
         for key, value in row.items():
@@ -51,9 +53,9 @@ def _fake_run(run: Path, stage: str, images: dict[str, torch.Tensor]) -> Path:
 
 @pytest.fixture
 def runs(tmp_path: Path) -> dict[str, Path]:
-    finetune = {"finetune/examples": torch.rand(3, 16, 24), "val/confusion": torch.rand(3, 20, 20)}
+    finetune = {"attention/rollout": torch.rand(3, 16, 24), "val/confusion": torch.rand(3, 20, 20)}
     return {"pretrained": _fake_run(tmp_path / "ft", "finetune", finetune),
-            "mpp": _fake_run(tmp_path / "pt", "pretrain", {"pretrain/examples": torch.rand(3, 12, 40),
+            "mpp": _fake_run(tmp_path / "pt", "pretrain", {"mpp/predictions": torch.rand(3, 12, 40),
                                                            "probe/attention_heads": torch.rand(3, 30, 50)})}
 
 
@@ -69,16 +71,16 @@ def test_plot_runs_writes_figures_and_logged_images(runs: dict[str, Path], tmp_p
     paths = plots.plot_runs(list(runs.items()), out)
     assert sorted(p.name for p in paths) == sorted(
         ["training_curves.png", "val_top1.png", "probes.png", "pretrained_attention_rollout.png",
-         "pretrained_confusion.png", "mpp_mpp_predictions.png", "mpp_monitor_heads.png"])
+         "pretrained_val_confusion.png", "mpp_mpp_predictions.png", "mpp_probe_attention_heads.png"])
     assert all(p.parent == out and p.is_file() for p in paths)
     width, height = _size(out / "training_curves.png")  # three panels: pretrain loss, MPP acc, finetune loss
     assert width > 2 * height > 400
     width, height = _size(out / "val_top1.png")  # one panel: only the fine-tuning run has evaluations
     assert 400 < width < 2 * height
     assert _size(out / "pretrained_attention_rollout.png") == (24, 16)  # the last image, (W, H) as logged
-    assert _size(out / "pretrained_confusion.png") == (20, 20)
+    assert _size(out / "pretrained_val_confusion.png") == (20, 20)
     assert _size(out / "mpp_mpp_predictions.png") == (40, 12)
-    assert _size(out / "mpp_monitor_heads.png") == (50, 30)
+    assert _size(out / "mpp_probe_attention_heads.png") == (50, 30)
     width, height = _size(out / "probes.png")  # two panels: kNN and linear probe
     assert 2 * height < width < 3 * height
 
@@ -89,7 +91,7 @@ def test_cli_names_runs_and_prints_paths(runs: dict[str, Path], tmp_path: Path,
     plots.main(["--out", str(out), f"scratch={runs['pretrained']}", str(runs["mpp"])])  # unnamed: the dir name
     printed = capsys.readouterr().out.split()
     expected = {"training_curves.png", "val_top1.png", "probes.png", "scratch_attention_rollout.png",
-                "scratch_confusion.png", "pt_mpp_predictions.png", "pt_monitor_heads.png"}
+                "scratch_val_confusion.png", "pt_mpp_predictions.png", "pt_probe_attention_heads.png"}
     assert {Path(p).name for p in printed} == expected
     assert all(Path(p).is_file() and _size(Path(p))[0] > 0 for p in printed)
 

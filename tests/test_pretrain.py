@@ -75,7 +75,7 @@ def test_resume_survives_a_half_written_metrics_line_and_never_starts_behind(cif
 
     events = EventAccumulator(str(out))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6]  # step 4 kept across the resume
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]  # step 4 kept across the resume
 
     # starting over, or from an older checkpoint, in this directory would overwrite its checkpoints
     for resume in ("never", str(out / "checkpoints" / "step-00000004")):
@@ -158,3 +158,16 @@ def test_the_config_decides_precision_and_says_so_when_the_launcher_differs(cifa
     main(PretrainConfig, MPPTask, overrides(cifar_shards, tmp_path / "run", **{"run.steps": 2}))
     assert "launcher asked for bf16 precision; run.mixed_precision=no decides" in capsys.readouterr().out
     assert load_config(PretrainConfig, tmp_path / "run" / "config.yaml").run.mixed_precision == "no"
+
+
+def test_pixel_targets_are_evaluated_by_their_validation_loss(cifar_shards, tmp_path):
+    """mpp.target=pixels has no classes: its evaluation is the mean squared error on held-out
+    images, and the lowest one picks checkpoints/best."""
+    out = tmp_path / "pixels"
+    summary = main(PretrainConfig, MPPTask, overrides(cifar_shards, out, **{
+        "mpp.target": "pixels", "eval.shards": cifar_shards, "eval.num_workers": 0, "run.eval_every": 2}))
+    assert set(summary["eval"]) == {"loss", "count", "skipped"} and summary["eval"]["loss"] > 0
+    losses = {row["step"]: row["val/loss"] for row in metrics(out) if "val/loss" in row}
+    assert sorted(losses) == [2, 4]
+    assert summary["best"]["metric"] == "val/loss" and summary["best"]["loss"] == min(losses.values())
+    assert summary["best"]["step"] == min(losses, key=losses.get)

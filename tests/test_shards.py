@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from shard_helpers import CLASSES, PER_CLASS, encode, folder_keys, read_tar
 
-from vitcore.data import ShardStream, decode_image, eval_transform, open_source, pretrain_transform, read_index
+from pretrain.task import CROP_SCALE
+from vitcore.data import ShardStream, decode_image, eval_transform, open_source, read_index, train_transform
 from vitcore.data.shards import main, write_shards
 
 CIFAR_TAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-10k.tar"
@@ -93,9 +94,9 @@ def test_missing_or_empty_source_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="shard index not found"):
         read_index(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        ShardStream(str(missing), pretrain_transform(16), 4)
+        ShardStream(str(missing), train_transform(16, CROP_SCALE), 4)
     with pytest.raises(FileNotFoundError, match=r"x-000000\.tar \(and 1 more\)"):
-        ShardStream(str(tmp_path / "x-{000000..000001}.tar"), pretrain_transform(16), 4)
+        ShardStream(str(tmp_path / "x-{000000..000001}.tar"), train_transform(16, CROP_SCALE), 4)
 
 
 def test_cli_writes_shards(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

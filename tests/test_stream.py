@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from shard_helpers import CLASSES, encode, folder_keys, read_tar
 
-from vitcore.data import ShardStream, eval_transform, open_image, pretrain_transform, read_index
+from pretrain.task import CROP_SCALE
+from vitcore.data import ShardStream, eval_transform, open_image, read_index, train_transform
 from vitcore.data.shards import write_shards
 
 
@@ -23,7 +24,7 @@ def _epoch(stream: ShardStream) -> list[dict]:
 
 def test_stream_gives_up_when_no_shard_is_readable(tmp_path: Path) -> None:
     (tmp_path / "bad.tar").write_bytes(b"garbage" * 200)
-    stream = ShardStream(str(tmp_path / "bad.tar"), pretrain_transform(8), 2, num_workers=0, epoch_samples=10)
+    stream = ShardStream(str(tmp_path / "bad.tar"), train_transform(8, CROP_SCALE), 2, num_workers=0, epoch_samples=10)
     with pytest.raises(RuntimeError, match="shards in a row gave no sample"):
         list(stream)
 
@@ -33,7 +34,7 @@ def test_stream_gives_up_when_every_sample_fails(make_shards, monkeypatch: pytes
 
     bad = make_shards({"bad.tar": [(f"{i:03d}", {"jpg": b"not a jpeg"}) for i in range(8)]}, None, index=False)
     monkeypatch.setattr(pipeline_module, "FAILED_SAMPLES_IN_A_ROW", 20)  # 1000 in production
-    stream = ShardStream(str(bad / "bad.tar"), pretrain_transform(8), 2, num_workers=0, epoch_samples=10,
+    stream = ShardStream(str(bad / "bad.tar"), train_transform(8, CROP_SCALE), 2, num_workers=0, epoch_samples=10,
                          labeled=False)
     with pytest.raises(RuntimeError, match="20 samples in a row failed"):
         list(stream)
@@ -67,14 +68,14 @@ def test_in_process_stream_leaves_the_global_rng_alone(shard_dir: Path) -> None:
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    list(ShardStream(str(shard_dir), pretrain_transform(8), 4, num_workers=0))
+    list(ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 4, num_workers=0))
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_every_rank_gets_the_same_batch_count(shard_dir: Path, image_folder: Path) -> None:
     valid = folder_keys(image_folder)
     for rank in range(2):
-        stream = ShardStream(str(shard_dir), pretrain_transform(16), 4, rank=rank, world_size=2, num_workers=2,
+        stream = ShardStream(str(shard_dir), train_transform(16, CROP_SCALE), 4, rank=rank, world_size=2, num_workers=2,
                              shuffle_buffer=8)
         assert len(stream) == 39 // 8
         batches = _epoch(stream)
@@ -89,7 +90,7 @@ def test_every_rank_gets_the_same_batch_count(shard_dir: Path, image_folder: Pat
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_uneven_split_over_workers_still_exact(shard_dir: Path) -> None:
-    stream = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=3, epoch_samples=14)
+    stream = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 2, num_workers=3, epoch_samples=14)
     assert len(stream) == 7 == len(_epoch(stream))
 
 
@@ -107,7 +108,7 @@ def test_exactly_once_mode_covers_each_sample_once(shard_dir: Path, image_folder
 
 def test_stream_is_seeded_and_differs_per_epoch(shard_dir: Path) -> None:
     def run(seed: int) -> tuple[list[dict], list[dict]]:
-        stream = ShardStream(str(shard_dir), pretrain_transform(16), 4, num_workers=2, seed=seed, shuffle_buffer=8)
+        stream = ShardStream(str(shard_dir), train_transform(16, CROP_SCALE), 4, num_workers=2, seed=seed, shuffle_buffer=8)
         return _epoch(stream), _epoch(stream)
 
     first, second = run(0)
@@ -135,17 +136,17 @@ def corrupt_dir(shard_dir: Path, make_shards) -> Path:
 
 
 def test_corrupt_samples_are_skipped_and_counted(corrupt_dir: Path) -> None:
-    stream = ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=2, resampled=False, drop_last=False)
+    stream = ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=2, resampled=False, drop_last=False)
     keys = [k for b in _epoch(stream) for k in b["key"]]
     assert len(keys) == len(set(keys)) == 5 + 5 + 2
     assert "bad/jpeg" not in keys and "no/cls" not in keys
     assert stream.skipped == 3  # bad JPEG, missing cls, truncated shard
 
-    unlabeled = ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=0, resampled=False,
+    unlabeled = ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=0, resampled=False,
                             drop_last=False, labeled=False)
     assert "no/cls" in [k for b in _epoch(unlabeled) for k in b["key"]] and unlabeled.skipped == 2
 
-    resampled = ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=4)
+    resampled = ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=2, shuffle_buffer=4)
     assert len(_epoch(resampled)) == len(resampled) == 8 and resampled.skipped > 0
 
 
@@ -156,7 +157,7 @@ def test_truncated_jpeg_is_skipped_and_counted(shard_dir: Path, make_shards) -> 
     good = dict(list(read_tar(shard_dir / "shard-000000.tar").items())[:3])
     cut_jpeg = ("cut/jpeg", {"jpg": whole[: len(whole) // 2], "cls": b"0"})
     out = make_shards({"t-000000.tar": [*good.items(), cut_jpeg]}, CLASSES)
-    for transform in (pretrain_transform(8), eval_transform(8)):  # both draft it: a reduced decode
+    for transform in (train_transform(8, CROP_SCALE), eval_transform(8)):  # both draft it: a reduced decode
         stream = ShardStream(str(out), transform, 2, num_workers=0, resampled=False, drop_last=False)
         keys = [k for b in _epoch(stream) for k in b["key"]]
         assert sorted(keys) == sorted(good) and stream.skipped == 1
@@ -165,7 +166,7 @@ def test_truncated_jpeg_is_skipped_and_counted(shard_dir: Path, make_shards) -> 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_yields_the_batches_of_an_uninterrupted_run(corrupt_dir: Path, num_workers: int) -> None:
     def make() -> ShardStream:
-        return ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=num_workers, shuffle_buffer=6)
+        return ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=num_workers, shuffle_buffer=6)
 
     reference = make()
     expected = _epoch(reference) + _epoch(reference)
@@ -189,10 +190,10 @@ def test_resume_yields_the_batches_of_an_uninterrupted_run(corrupt_dir: Path, nu
 
 
 def test_resume_after_topology_change_continues_without_replay(shard_dir: Path) -> None:
-    stream = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=8)
+    stream = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 2, num_workers=2, shuffle_buffer=8)
     head = [b["key"] for _, b in zip(range(4), stream)]
     state = stream.state_dict()
-    resumed = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=1, shuffle_buffer=8)
+    resumed = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 2, num_workers=1, shuffle_buffer=8)
     resumed.load_state_dict(state)
     rest = [b["key"] for b in resumed]
     assert len(rest) == len(resumed) - 4 and rest[:4] != head
@@ -204,13 +205,13 @@ def test_resume_late_in_an_epoch_with_another_layout_finishes_it(shard_dir: Path
                                                                   batch_size: int) -> None:
     """A position taken near the end of an epoch on 1 rank with batches of 2 becomes a position of
     the new layout (samples consumed, rounded up): no crash, no overrun, the next epoch whole."""
-    stream = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=8)
+    stream = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 2, num_workers=2, shuffle_buffer=8)
     consumed = len(stream) - 2
     for _, _batch in zip(range(consumed), stream):
         pass
     state = stream.state_dict()
     for rank in range(world_size):
-        resumed = ShardStream(str(shard_dir), pretrain_transform(8), batch_size, rank=rank, world_size=world_size,
+        resumed = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), batch_size, rank=rank, world_size=world_size,
                               num_workers=1, shuffle_buffer=8)
         resumed.load_state_dict(state)
         done = -(-consumed * 2 // (batch_size * world_size))
@@ -221,8 +222,8 @@ def test_resume_late_in_an_epoch_with_another_layout_finishes_it(shard_dir: Path
 def test_labeled_stream_on_unlabeled_shards_is_refused(image_folder: Path, tmp_path: Path) -> None:
     write_shards(str(image_folder), tmp_path / "out", labeled=False, limit=8, progress=False)
     with pytest.raises(ValueError, match="labeled=False"):
-        ShardStream(str(tmp_path / "out"), pretrain_transform(8), 2)
-    stream = ShardStream(str(tmp_path / "out"), pretrain_transform(8), 2, labeled=False, num_workers=0)
+        ShardStream(str(tmp_path / "out"), train_transform(8, CROP_SCALE), 2)
+    stream = ShardStream(str(tmp_path / "out"), train_transform(8, CROP_SCALE), 2, labeled=False, num_workers=0)
     assert all(b["label"] is None for b in stream)
 
 
@@ -238,7 +239,7 @@ def test_persistent_workers_give_each_epoch_its_plan_and_resume_exactly(corrupt_
     """Workers forked once serve every epoch, yet each epoch differs, and a position loaded into
     a stream whose workers already run (or into a fresh one) yields an uninterrupted run's batches."""
     def make() -> ShardStream:
-        return ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=6)
+        return ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=2, shuffle_buffer=6)
 
     before = {p.pid for p in multiprocessing.active_children()}
     stream = make()
@@ -277,7 +278,7 @@ def test_pin_memory_reaches_the_data_loader(shard_dir: Path, monkeypatch: pytest
     monkeypatch.setattr(stream_module, "DataLoader", SpyLoader)
     for pin in (False, True):
         for num_workers in (0, 2):
-            stream = ShardStream(str(shard_dir), pretrain_transform(8), 4, num_workers=num_workers, pin_memory=pin)
+            stream = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 4, num_workers=num_workers, pin_memory=pin)
             assert len(_epoch(stream)) == len(stream) and len(_epoch(stream)) == len(stream)
     assert asked == [(False, False), (False, True), (True, False), (True, True)]  # one loader per stream
 
@@ -296,7 +297,7 @@ def test_state_keys_name_the_attributes_holding_them(shard_dir: Path) -> None:
             attribute = _attribute_of(stream, key)
             assert value == (attribute if attribute is not None else []), key  # None: no stream ran yet
 
-    stream = ShardStream(str(shard_dir), pretrain_transform(8), 2, num_workers=2, shuffle_buffer=8)
+    stream = ShardStream(str(shard_dir), train_transform(8, CROP_SCALE), 2, num_workers=2, shuffle_buffer=8)
     check(stream)
     for _, _batch in zip(range(3), stream):  # mid-epoch: every counter in use
         pass
@@ -308,7 +309,7 @@ def test_state_keys_name_the_attributes_holding_them(shard_dir: Path) -> None:
 def test_state_with_the_old_keys_resumes_identically(corrupt_dir: Path, num_workers: int) -> None:
     """Checkpoints written before the keys were renamed ("segment", "offsets", "num_workers") resume."""
     def make() -> ShardStream:
-        return ShardStream(str(corrupt_dir), pretrain_transform(8), 2, num_workers=num_workers, shuffle_buffer=6)
+        return ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=num_workers, shuffle_buffer=6)
 
     reference = make()
     expected = _epoch(reference) + _epoch(reference)

@@ -10,15 +10,16 @@ from PIL import Image, JpegImagePlugin
 from shard_helpers import encode, make_image
 from torchvision.transforms import v2
 
-from vitcore.data import decode_image, eval_transform, finetune_train_transform, normalize, open_image, pretrain_transform
-from vitcore.data.transforms import PRETRAIN_SCALE, crop_params
+from pretrain.task import CROP_SCALE
+from vitcore.data import decode_image, eval_transform, normalize, open_image, train_transform
+from vitcore.data.transforms import crop_params
 
 
 def test_transforms_give_uint8_chw_and_normalize_maps_to_unit_range() -> None:
     image = Image.new("RGB", (40, 30), (255, 0, 0))
-    assert pretrain_transform(16)(image).shape == (3, 16, 16)
-    assert pretrain_transform((16, 24))(image).shape == (3, 16, 24)
-    assert finetune_train_transform(16, randaugment=True)(image).dtype == torch.uint8
+    assert train_transform(16, CROP_SCALE)(image).shape == (3, 16, 16)
+    assert train_transform((16, 24), CROP_SCALE)(image).shape == (3, 16, 24)
+    assert train_transform(16, randaugment=True)(image).dtype == torch.uint8
     out = eval_transform(32)(image)
     assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
     x = normalize(torch.stack([out, torch.zeros_like(out)]))
@@ -53,12 +54,12 @@ def _mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_crop_params_are_torchvisions() -> None:
-    rrc = v2.RandomResizedCrop(16, scale=PRETRAIN_SCALE)
+    rrc = v2.RandomResizedCrop(16, scale=CROP_SCALE)
     for width, height in [(90, 70), (20, 300), (300, 20), (1, 1)]:  # the last two fall back to the centre
         image = Image.new("RGB", (width, height))
         for seed in range(50):
             torch.manual_seed(seed)
-            ours = crop_params(width, height, PRETRAIN_SCALE)
+            ours = crop_params(width, height, CROP_SCALE)
             torch.manual_seed(seed)
             theirs = rrc.make_params([image])
             assert ours == (theirs["top"], theirs["left"], theirs["height"], theirs["width"])
@@ -72,9 +73,9 @@ def test_fused_crop_matches_v2_without_draft() -> None:
         image = image.resize((image.width * 2, image.height * 2))
         for seed in range(20):
             torch.manual_seed(seed)
-            want = _v2_reference(24, PRETRAIN_SCALE)(image)
+            want = _v2_reference(24, CROP_SCALE)(image)
             torch.manual_seed(seed)
-            got = pretrain_transform(24)(image)
+            got = train_transform(24, CROP_SCALE)(image)
             assert got.dtype == torch.uint8 and got.shape == (3, 24, 24)
             assert _mean_abs_diff(got, want) < 3
 
@@ -93,11 +94,11 @@ def test_fused_crop_drafts_a_jpeg_close_to_the_full_decode(monkeypatch: pytest.M
     full = decode_image(data)
     for seed in range(30):
         torch.manual_seed(seed)
-        _, _, h, w = crop_params(256, 192, PRETRAIN_SCALE)
+        _, _, h, w = crop_params(256, 192, CROP_SCALE)
         torch.manual_seed(seed)
-        want = _v2_reference(16, PRETRAIN_SCALE)(full)
+        want = _v2_reference(16, CROP_SCALE)(full)
         torch.manual_seed(seed)
-        got = pretrain_transform(16)(open_image(data))
+        got = train_transform(16, CROP_SCALE)(open_image(data))
         assert _mean_abs_diff(got, want) < 3
         # The strongest reduction that keeps the crop box at least 16 px on both sides.
         assert scales[-1] == max(r for r in (1, 2, 4, 8) if min(h, w) >= 16 * r)
@@ -118,7 +119,7 @@ def test_eval_transform_matches_v2_resize_and_centre_crop() -> None:
 def test_flips_half_the_time_and_seeds_reproduce() -> None:
     ramp = Image.linear_gradient("L").transpose(Image.Transpose.ROTATE_90).convert("RGB")  # bright left, dark right
     data = encode(ramp)
-    transform = pretrain_transform(16)
+    transform = train_transform(16, CROP_SCALE)
     flipped = 0
     for seed in range(200):
         torch.manual_seed(seed)
@@ -145,7 +146,7 @@ def test_any_mode_and_png_come_out_rgb() -> None:
     }
     for name, data in images.items():
         decoded = decode_image(data)  # the reference: everything to RGB first, as before the fusion
-        for transform in (pretrain_transform(16), finetune_train_transform(16, randaugment=False), eval_transform(16)):
+        for transform in (train_transform(16, CROP_SCALE), train_transform(16, randaugment=False), eval_transform(16)):
             torch.manual_seed(0)
             got = transform(open_image(data))
             torch.manual_seed(0)
@@ -154,6 +155,6 @@ def test_any_mode_and_png_come_out_rgb() -> None:
             assert _mean_abs_diff(got, want) < 3, name
         if name == "jpeg grey":
             assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])
-        assert finetune_train_transform(16, randaugment=True)(open_image(data)).shape == (3, 16, 16)
+        assert train_transform(16, randaugment=True)(open_image(data)).shape == (3, 16, 16)
     with pytest.raises(OSError):
-        pretrain_transform(16)(open_image(images["jpeg grey"][: len(images["jpeg grey"]) // 2]))
+        train_transform(16, CROP_SCALE)(open_image(images["jpeg grey"][: len(images["jpeg grey"]) // 2]))

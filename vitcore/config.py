@@ -126,7 +126,7 @@ class RunConfig:
     # (val/top1, val/loss, ...) or probe/<name> from the monitor (probe/linear_top1_cls, ...);
     # null: val/top1 when the run evaluates, else no best checkpoint
     best_metric: str | None = None
-    best_mode: str = "max"  # max | min: which direction of best_metric is better
+    best_mode: str | None = None  # max | min: which direction of best_metric is better; null: the task's
     # How long a rank waits in a collective before the run fails (torch's default is 10 min for NCCL):
     # covers the slowest wait there is, rank 0 reading a checkpoint or a shard index on a slow filesystem.
     collective_timeout_s: int = 1800
@@ -143,7 +143,7 @@ class RunConfig:
         check(self.best_metric is None or (self.best_metric.partition("/")[0] in ("val", "probe")
                                            and "/" in self.best_metric.strip("/")),
               f"{key}.best_metric", f"{self.best_metric!r} is not val/<name> or probe/<name>")
-        check(self.best_mode in ("max", "min"), f"{key}.best_mode", f"{self.best_mode!r} is not one of max, min")
+        check(self.best_mode in (None, "max", "min"), f"{key}.best_mode", f"{self.best_mode!r} is not one of max, min")
         check(bool(self.resume), f"{key}.resume", "must be auto, never or a checkpoint directory")
 
 
@@ -188,6 +188,19 @@ class MonitorConfig:
     @property
     def enabled(self) -> bool:
         return self.train_shards is not None
+
+
+@dataclass
+class StageConfig:
+    """The sections every stage has; a stage's schema extends it (with its own defaults, its
+    embedded recipe, and sections of its own) and may add a cross-section `validate()`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out shards for the task's evaluation
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # kNN/linear probes of the encoder's features
 
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:

@@ -15,10 +15,9 @@ from vitcore.data.transforms import (
     ResizeCenterCrop,
     decode_image,
     eval_transform,
-    finetune_train_transform,
     normalize,
     open_image,
-    pretrain_transform,
+    train_transform,
 )
 
 __all__ = [
@@ -31,11 +30,10 @@ __all__ = [
     "Source",
     "decode_image",
     "eval_transform",
-    "finetune_train_transform",
     "normalize",
     "open_image",
     "open_source",
-    "pretrain_transform",
+    "train_transform",
     "read_index",
     "resolve_shards",
 ]

@@ -136,19 +136,9 @@ class ShardStream:
             raise ValueError(f"{self.epoch_samples} samples make no batch of {batch_size} on {world_size} ranks")
 
     @classmethod
-    def exactly_once(
-        cls,
-        urls: str | list[str],
-        transform: Transform,
-        batch_size: int,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 2,
-        seed: int = 0,
-        labeled: bool = True,
-        pin_memory: bool = False,
-    ) -> ShardStream:
+    def exactly_once(cls, urls: str | list[str], transform: Transform, batch_size: int, *, rank: int = 0,
+                     world_size: int = 1, num_workers: int = 2, seed: int = 0, labeled: bool = True,
+                     pin_memory: bool = False) -> ShardStream:
         """An evaluation stream: every sample once per epoch over all ranks, none dropped.
 
         No shuffle buffer: evaluation needs no mixing, and each stream then yields its sample ranges

@@ -30,8 +30,7 @@ from torchvision.transforms import v2
 MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, then centre-crop `size` (the usual 224 <- 256)
-PRETRAIN_SCALE = (0.35, 1.0)  # area fraction of the pretraining crops
-DEFAULT_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, used for fine-tuning
+DEFAULT_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults: the crops' area fraction
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 
 Size = int | tuple[int, int]
@@ -157,14 +156,11 @@ class ResizeCenterCrop:
         return to_tensor(resized.crop((left, top, left + out_w, top + out_h)))
 
 
-def pretrain_transform(size: Size) -> RandomResizedCropFlip:
-    """MPP pretraining augmentation: random resized crop (35-100% of the area) and flip."""
-    return RandomResizedCropFlip(_hw(size), scale=PRETRAIN_SCALE)
-
-
-def finetune_train_transform(size: Size, randaugment: bool) -> RandomResizedCropFlip:
-    """Supervised fine-tuning augmentation: random resized crop, flip, optional RandAugment."""
-    return RandomResizedCropFlip(_hw(size), randaugment=v2.RandAugment() if randaugment else None)
+def train_transform(size: Size, scale: tuple[float, float] = DEFAULT_SCALE,
+                    randaugment: bool = False) -> RandomResizedCropFlip:
+    """Training augmentation: random resized crop (`scale`: its share of the image's area), flip,
+    optional RandAugment (torchvision's defaults)."""
+    return RandomResizedCropFlip(_hw(size), scale=scale, randaugment=v2.RandAugment() if randaugment else None)
 
 
 def eval_transform(size: Size) -> ResizeCenterCrop:

@@ -2,9 +2,9 @@
 
 It walks an exactly-once `ShardStream` (`ShardStream.exactly_once`): each
 rank reads its own share of the validation samples (see `vitcore.data.plan` for how the work
-is divided, within shards when there are fewer shards than ranks). Per rank it keeps additive
-sums on the device (top-1 and top-5 hits, loss sum, predictions, images, and a confusion matrix
-when asked), then does ONE all-reduce after the loop: ranks may hold different batch counts, so
+is divided, within shards when there are fewer shards than ranks). Per rank it adds up on the
+device the sums the task returns for each batch (`Task.eval_sums`: hits, loss sums, counts, a
+confusion matrix), then does ONE all-reduce after the loop: ranks may hold different batch counts, so
 a per-batch collective could hang. Under FSDP the forward itself is a collective (it all-gathers
 parameters): `vitcore.sharding.even_batches` then pads ranks with fewer batches with discarded
 forwards, so that every rank runs as many as the rank with the most.
@@ -12,20 +12,36 @@ forwards, so that every rank runs as many as the rank with the most.
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitcore.data import ShardStream
-from vitcore.sharding import even_batches
+from vitcore.eval.metrics import sum_dtype
+from vitcore.sharding import even_batches, standalone_forwards
 
-# (logits (M, C), targets (M,)) for one batch: M is the batch size for classification, the number
-# of corrupted patches for MPP.
-Predict = Callable[[dict[str, Any]], tuple[Tensor, Tensor]]
+# One batch -> additive sums (`vitcore.train.task.Task.eval_sums`)
+EvalStep = Callable[[dict[str, Any]], dict[str, Tensor]]
+
+
+@contextmanager
+def eval_mode(module: nn.Module, prepared: nn.Module | None = None) -> Iterator[nn.Module]:
+    """`module` in eval() mode inside the block, its mode restored after. Given the prepared model
+    it belongs to, forwards of `module` alone may run inside (FSDP2's root parameters gathered, see
+    `vitcore.sharding.standalone_forwards`): then every rank enters and runs as many forwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        with standalone_forwards(prepared) if prepared is not None else nullcontext():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -44,45 +60,39 @@ def device_batches(accelerator: Accelerator, stream: ShardStream, desc: str) -> 
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, predict: Predict, stream: ShardStream, num_classes: int | None = None,
-             desc: str = "eval") -> dict[str, Any]:
-    """Top-1/top-5 accuracy and mean loss over one pass of `stream`, summed over all ranks.
+def evaluate(accelerator: Accelerator, step: EvalStep, stream: ShardStream, desc: str = "eval") -> dict[str, Any]:
+    """One pass of `stream`: the sums `step` returns per batch, added over batches and all ranks.
 
-    Returns {"top1", "top5" (fractions), "loss", "count" (images), "skipped", "predictions",
-    "expected"} and, with `num_classes`, "confusion": a (C, C) tensor of counts (rows: true class).
-    The caller runs `predict` on the unwrapped model in eval() under the run's precision (under FSDP,
+    Returns {"sums": {name: reduced tensor on the CPU}, "count" (images), "skipped", "expected"}.
+    The caller runs `step` on the unwrapped model in eval() under the run's precision (under FSDP,
     on every rank inside `vitcore.sharding.standalone_forwards`).
     """
     device = accelerator.device
-    dtype = torch.float64 if device.type != "mps" else torch.float32
-    sums = torch.zeros(3, device=device, dtype=dtype)  # top-1 hits, top-5 hits, loss sum
-    predictions, images = 0, 0  # known from shapes: counted on the host, no sync
-    confusion = torch.zeros((num_classes or 0) ** 2, device=device, dtype=dtype)  # (C*C,) flattened
-    skipped_before = stream.skipped
+    dtype = sum_dtype(device)
+    sums: dict[str, Tensor] = {}
+    images, skipped_before = 0, stream.skipped  # known from shapes: counted on the host, no sync
     for batch, real in device_batches(accelerator, stream, desc):
         with accelerator.autocast():
-            logits, targets = predict(batch)  # (M, C), (M,)
+            out = step(batch)
         if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks
             continue
-        logits = logits.float()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (M, 5)
-        hits = top5 == targets[:, None]  # (M, 5)
-        sums += torch.stack([hits[:, 0].sum().to(dtype), hits.any(-1).sum().to(dtype),
-                             F.cross_entropy(logits, targets, reduction="sum").to(dtype)])  # (3,)
-        predictions, images = predictions + targets.numel(), images + batch["image"].shape[0]
-        if num_classes:
-            confusion.index_add_(0, targets * num_classes + top5[:, 0], torch.ones_like(targets, dtype=dtype))
-    counts = torch.tensor([predictions, images, stream.skipped - skipped_before], dtype=dtype).to(device)
-    total = accelerator.reduce(torch.cat([sums, counts, confusion]), "sum").cpu()  # the one collective
-    hit1, hit5, loss, predictions, images, n_skipped = total[:6].tolist()
-    result: dict[str, Any] = {
-        "top1": hit1 / max(predictions, 1), "top5": hit5 / max(predictions, 1), "loss": loss / max(predictions, 1),
-        "count": int(images), "skipped": int(n_skipped), "predictions": int(predictions),
-        "expected": stream.epoch_samples,
-    }
-    if num_classes:
-        result["confusion"] = total[6:].view(num_classes, num_classes)
-    return result
+        for name, value in out.items():
+            sums[name] = sums[name] + value if name in sums else value.to(dtype)
+        images += batch["image"].shape[0]
+    if accelerator.num_processes > 1:  # a rank with no batch learns the sums' shapes from the others
+        for shapes in gather_object([{k: tuple(v.shape) for k, v in sums.items()}]):
+            for name, shape in shapes.items():
+                sums.setdefault(name, torch.zeros(shape, dtype=dtype, device=device))
+    names = sorted(sums)
+    counts = torch.tensor([images, stream.skipped - skipped_before], dtype=dtype).to(device)
+    flat = torch.cat([*(sums[k].flatten() for k in names), counts])
+    total = accelerator.reduce(flat, "sum").cpu()  # the one collective over the data
+    reduced, offset = {}, 0
+    for name in names:
+        reduced[name] = total[offset:offset + sums[name].numel()].view(sums[name].shape)
+        offset += sums[name].numel()
+    images, skipped = total[offset:].tolist()
+    return {"sums": reduced, "count": int(images), "skipped": int(skipped), "expected": stream.epoch_samples}
 
 
 def coverage_problem(result: dict[str, Any]) -> str | None:

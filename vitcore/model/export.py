@@ -44,7 +44,7 @@ import yaml
 from safetensors.torch import save_file
 
 from vitcore import checkpoint
-from vitcore.report import table as report
+from vitcore import rundir
 from vitcore.atomic import atomic_write_text, commit
 from vitcore.data.transforms import EVAL_CROP_FRACTION, MEAN, STD
 from vitcore.model.pretrained import load_model
@@ -158,7 +158,7 @@ def _measured(meta: dict[str, Any], ckpt: Path) -> list[str]:
     try:
         if run is None:
             raise FileNotFoundError(f"{ckpt} is not inside a run's checkpoints/ directory, so no summary.json")
-        result = report.read_run(run)
+        result = rundir.read_run(run)
     except (FileNotFoundError, ValueError) as e:
         return [f"No measured accuracy: {e}."]
     summary, step = result["summary"], meta["step"]
@@ -170,7 +170,7 @@ def _measured(meta: dict[str, Any], ckpt: Path) -> list[str]:
              "logging window, evaluation metrics the final weights' on the evaluation set, probe metrics "
              "the monitor's last scores.", "",
              "| metric | value |", "|---|---|"]
-    for title, key, fmt in report.columns([result]):
+    for title, key, fmt in rundir.columns([result]):
         lines.append(f"| {title} | {fmt.format(result['last'][key])} |")
     ev = summary.get("eval")
     if ev:

@@ -2,41 +2,32 @@
 
     python -m vitcore.report.plots --out DIR [NAME=]RUN_DIR [[NAME=]RUN_DIR ...]
 
-Writes into DIR, from each run's metrics.jsonl and summary.json: training_curves.png (train loss
-vs step, one panel per stage; for pretraining also MPP accuracy vs the most-frequent-colour
-baseline), val_top1.png (validation top-1 vs step, one panel per stage) and probes.png (the
-pretraining monitor's kNN and linear-probe top-1 vs step); and from its TensorBoard events the
-last image of each image tag: <NAME>_mpp_predictions.png, <NAME>_attention_rollout.png,
-<NAME>_confusion.png, <NAME>_monitor_rollout.png, <NAME>_monitor_heads.png (the PNG bytes as logged).
+Writes into DIR, from each run's metrics.jsonl and summary.json (`vitcore.rundir`):
+training_curves.png (the training panels each run's task declares, grouped by the task's title:
+train loss, and whatever else the task plots), val_top1.png (validation top-1 vs step, one panel
+per task title) and probes.png (the feature monitor's kNN and linear-probe top-1 vs step); and from
+its TensorBoard events the last image of each image tag as <NAME>_<tag, / as _>.png (the PNG bytes
+as logged: e.g. <NAME>_val_confusion.png, <NAME>_probe_attention_rollout.png).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
 
-from vitcore.train.logger import read_metrics
+from vitcore.rundir import read_metrics, read_summary
 
 Rows = list[dict[str, Any]]
-
-STAGES = {"pretrain": "pretraining", "finetune": "fine-tuning"}  # stage -> the word in titles
-IMAGE_TAGS = {"pretrain/examples": "mpp_predictions", "finetune/examples": "attention_rollout",
-              "val/confusion": "confusion", "probe/attention_rollout": "monitor_rollout",
-              "probe/attention_heads": "monitor_heads"}
+Run = tuple[str, dict[str, Any], Rows]  # (name, summary, metrics rows)
 PROBES = {"knn": "weighted kNN top-1", "linear": "linear probe top-1"}  # probe -> panel title
 FEATURES = {"cls": "[CLS]", "patch_mean": "mean patch token"}  # feature -> line label
 
 
-def load_run(run: Path) -> tuple[str, Rows]:
-    """A run's stage (summary.json's "stage") and its metrics.jsonl rows."""
-    if not (run / "summary.json").is_file():
-        raise FileNotFoundError(f"{run}: no summary.json (the run has not finished)")
-    stage = json.loads((run / "summary.json").read_text()).get("stage", "?")
-    metrics = run / "metrics.jsonl"
-    return stage, read_metrics(metrics) if metrics.is_file() else []
+def load_run(run: Path) -> tuple[dict[str, Any], Rows]:
+    """A finished run's summary.json and metrics.jsonl rows."""
+    return read_summary(run), read_metrics(run)
 
 
 def _axes(panels: int, height: float = 3.6) -> tuple[Any, list[Any]]:
@@ -58,65 +49,68 @@ def _series(rows: Rows, key: str, scale: float = 1.0) -> tuple[list[int], list[f
     return [s for s, _ in points], [v for _, v in points]
 
 
-def _stages(runs: list[tuple[str, str, Rows]], key: str) -> list[str]:
-    """The stages of the runs with a `key` row, pretraining first."""
-    found = {stage for _, stage, rows in runs if any(key in r for r in rows)}
-    order = list(STAGES)
-    return sorted(found, key=lambda s: (order.index(s) if s in order else len(order), s))
+def _title(summary: dict[str, Any]) -> str:
+    """The word for a run's task in titles (its summary's "title"; older runs: the stage name)."""
+    return str(summary.get("title") or summary.get("stage") or "?")
 
 
-def training_curves(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
-    """Train loss vs step per stage, plus MPP accuracy vs its baseline; None without training rows."""
-    panels = [(stage, what) for stage in _stages(runs, "loss")
-              for what in (("loss", "acc") if stage == "pretrain" else ("loss",))]
+def _groups(runs: list[Run], key: str) -> list[str]:
+    """The titles of the tasks whose runs have a `key` row, in the order the runs were given."""
+    titles = [_title(s) for _, s, rows in runs if any(key in r for r in rows)]
+    return list(dict.fromkeys(titles))
+
+
+def training_curves(runs: list[Run], path: Path) -> Path | None:
+    """The declared training panels (train loss first), one set per task title; None without training rows."""
+    panels = []
+    for title in _groups(runs, "loss"):
+        declared = next(s.get("curves") for _, s, _ in runs if _title(s) == title) or [["train loss", ["loss"]]]
+        panels += [(title, name, keys) for name, keys in declared]
     if not panels:
         return None
     fig, axes = _axes(len(panels))
-    for ax, (stage, what) in zip(axes, panels):
-        for name, s, rows in runs:
-            train = [r for r in rows if "loss" in r and s == stage]  # evaluation rows carry val/ keys only
+    for ax, (title, name, keys) in zip(axes, panels):
+        percent = list(keys) != ["loss"]  # accuracy-like panels in %
+        for run, s, rows in runs:
+            train = [r for r in rows if "loss" in r and _title(s) == title]  # evaluation rows carry val/ keys only
             if not train:
                 continue
-            if what == "loss":
-                ax.plot(*_series(train, "loss"), label=name)
-            else:
-                (line,) = ax.plot(*_series(train, "acc", 100), label=f"{name}: MPP")
-                ax.plot(*_series(train, "baseline_acc", 100), ls="--", color=line.get_color(),
-                        label=f"{name}: most-frequent colour")
-        title = STAGES.get(stage, stage)
-        ax.set(title=f"{title}: {'train loss' if what == 'loss' else 'MPP accuracy'}", xlabel="step",
-               ylabel="loss" if what == "loss" else "accuracy (%)")
+            color = None
+            for key in keys:
+                (line,) = ax.plot(*_series(train, key, 100 if percent else 1), color=color,
+                                  ls="-" if color is None else "--", label=run if len(keys) == 1 else f"{run}: {key}")
+                color = line.get_color()
+        ax.set(title=f"{title}: {name}", xlabel="step", ylabel="%" if percent else "loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.savefig(path)
     return path
 
 
-def val_top1(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
-    """Validation top-1 (%) vs step, a marker per evaluation, one panel per stage; None without
+def val_top1(runs: list[Run], path: Path) -> Path | None:
+    """Validation top-1 (%) vs step, a marker per evaluation, one panel per task title; None without
     evaluation rows."""
-    stages = _stages(runs, "val/top1")
-    if not stages:
+    titles = _groups(runs, "val/top1")
+    if not titles:
         return None
-    fig, axes = _axes(len(stages))
-    for ax, stage in zip(axes, stages):
+    fig, axes = _axes(len(titles))
+    for ax, title in zip(axes, titles):
         for name, s, rows in runs:
-            if s != stage or not any("val/top1" in r for r in rows):
+            if _title(s) != title or not any("val/top1" in r for r in rows):
                 continue
             (line,) = ax.plot(*_series(rows, "val/top1", 100), marker="o", label=name)
             if any("val/ema_top1" in r for r in rows):
                 ax.plot(*_series(rows, "val/ema_top1", 100), marker="s", ls="--", color=line.get_color(),
                         label=f"{name} (EMA)")
-        what = "validation MPP accuracy" if stage == "pretrain" else "validation top-1"
-        ax.set(title=f"{STAGES.get(stage, stage)}: {what}", xlabel=f"{STAGES.get(stage, stage)} step", ylabel="top-1 (%)")
+        ax.set(title=f"{title}: validation top-1", xlabel=f"{title} step", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.savefig(path)
     return path
 
 
-def probes(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
-    """The monitor's kNN and linear-probe top-1 (%) vs pretraining step, a line per run and
+def probes(runs: list[Run], path: Path) -> Path | None:
+    """The monitor's kNN and linear-probe top-1 (%) vs training step, a line per run and
     feature, the step-0 point being the randomly initialised encoder; None without probe rows."""
     if not any("probe/knn_top1_cls" in r for _, _, rows in runs for r in rows):
         return None
@@ -127,7 +121,7 @@ def probes(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
                 steps, values = _series(rows, f"probe/{probe}_top1_{feature}", 100)
                 if steps:
                     ax.plot(steps, values, marker="o", label=f"{name}: {label}")
-        ax.set(title=f"monitor: {title}", xlabel="pretraining step", ylabel="top-1 (%)")
+        ax.set(title=f"monitor: {title}", xlabel="step", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.savefig(path)
@@ -135,20 +129,23 @@ def probes(runs: list[tuple[str, str, Rows]], path: Path) -> Path | None:
 
 
 def logged_images(run: Path, name: str, out: Path) -> list[Path]:
-    """The last image of each tag in IMAGE_TAGS from the run's TensorBoard events, as PNG files."""
+    """The last image of each image tag in the run's TensorBoard events, as PNG files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
-    stem = re.sub(r"[^\w.-]", "_", name)  # a file name whatever the run's name
+    stem = _file_name(name)
     paths = []
-    for tag, suffix in IMAGE_TAGS.items():
-        if tag not in events.Tags()["images"]:
-            continue
+    for tag in sorted(events.Tags()["images"]):
         last = max(events.Images(tag), key=lambda e: e.step)
-        path = out / f"{stem}_{suffix}.png"
+        path = out / f"{stem}_{_file_name(tag)}.png"
         path.write_bytes(last.encoded_image_string)
         paths.append(path)
     return paths
+
+
+def _file_name(text: str) -> str:
+    """`text` usable in a file name: anything but letters, digits, `.` and `-` becomes `_`."""
+    return re.sub(r"[^\w.-]", "_", text)
 
 
 def plot_runs(runs: list[tuple[str, Path]], out: Path) -> list[Path]:

@@ -16,40 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcore.atomic import atomic_write_text
-from vitcore.train.logger import read_metrics
-
-# (column, key, format): the task of each run lists its own in summary.json's "columns"; a key is
-# one of the final training metrics, "eval.<name>" / "eval_ema.<name>" for the final evaluation,
-# or "probe.<name>" for the feature monitor's last scores. A column is shown when some run has a
-# value for it.
-DEFAULT_COLUMNS = [("loss", "loss", "{:.3f}")]
-
-
-def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
-    summary_path = run / "summary.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{run}: no summary.json (the run has not finished)")
-    summary = json.loads(summary_path.read_text())
-    rows = read_metrics(run / "metrics.jsonl")
-    train = [row for row in rows if "loss" in row]  # evaluation rows carry val/ keys only
-    last = dict(summary.get("final") or {})
-    for section in ("eval", "eval_ema", "probe"):
-        last.update({f"{section}.{k}": v for k, v in (summary.get(section) or {}).items()})
-    first = {**(train[0] if train else {}), **{f"probe.{k}": v for k, v in (summary.get("probe_start") or {}).items()}}
-    return {"run": name or str(run), "summary": summary, "first": first, "last": last}
-
-
-def columns(runs: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """The union of the runs' columns, in order of first appearance, that some run has a value for.
-    Stages that name one key differently share its column ("MPP acc / train acc")."""
-    titles: dict[str, list[str]] = {}
-    formats: dict[str, str] = {}
-    for r in runs:
-        for title, key, fmt in r["summary"].get("columns") or DEFAULT_COLUMNS:
-            if title not in titles.setdefault(key, []):
-                titles[key].append(title)
-            formats.setdefault(key, fmt)
-    return [(" / ".join(t), key, formats[key]) for key, t in titles.items() if any(key in r["last"] for r in runs)]
+from vitcore.rundir import columns, read_run
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -132,7 +99,3 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out.with_suffix(".md"), text + "\n\n" + "\n".join(notes) + "\n")
         atomic_write_text(args.out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,121 +1,48 @@
-"""The one training engine. A stage is a task object plus a config; the engine knows neither MPP
-nor classification, only the `Task` interface below.
+"""The one training engine. A stage is a `Task` (`vitcore.train.task`) plus a config whose schema
+extends `vitcore.config.StageConfig`; the engine knows nothing else of it.
 
-Host syncs happen on logging, evaluation, image and checkpoint steps only: metrics accumulate as
-device tensors, and a non-finite step is skipped on the device by the fused optimizer.
+Around the loop: `RunState` (lock, start, restore, save), `Window` (metrics and throughput),
+`RunLogger` (bar, TensorBoard, metrics.jsonl, summary.json), the evaluation loop and the feature
+monitor. Host syncs happen on logging, evaluation, image and checkpoint steps only: metrics
+accumulate as device tensors, and a non-finite step is skipped on the device by the fused optimizer.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch.distributed.tensor import DTensor
 
 from vitcore import checkpoint, sharding
-from vitcore.report.attention import attention_maps
-from vitcore.config import ConfigError, load_config, save_config, to_dict
+from vitcore.config import ConfigError, load_config
 from vitcore.data import ShardStream
-from vitcore.data.sources import check_same_classes
-from vitcore.data.stream import derive_seed
-from vitcore.eval.loop import coverage_problem, evaluate, to_device
-from vitcore.train.logger import Monitor
-from vitcore.train.optim import build_optimizer, lr_at, set_lr, skip_if_nonfinite
+from vitcore.data.classes import check_same_classes
+from vitcore.data.plan import derive_seed
+from vitcore.eval.loop import coverage_problem, eval_mode, evaluate, to_device
+from vitcore.eval.monitor import FeatureMonitor
+from vitcore.train.logger import RunLogger
+from vitcore.train.metrics import Window
+from vitcore.train.optim import lr_at, set_lr, skip_if_nonfinite
 from vitcore.train.preemption import PREEMPTED_EXIT, Preempted, StopSignals
-from vitcore.eval.probes import extract_features, probe_scores
-from vitcore.model.vit import ViT, flops_per_image
+from vitcore.train.runstate import Progress, RunState, TrainingError
+from vitcore.train.task import Batch, Task
 
-# Dense bf16/fp16 tensor-core peak FLOP/s by device name (the first name contained in the device's
-# wins, so variants come before their family), for model FLOPs utilisation under mixed precision;
-# fp32 runs and unknown devices log TFLOP/s only.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12}
 # DDP, one process, or FSDP2 (Accelerate's fsdp_version 2; FSDP1 and DeepSpeed are refused): the
 # checkpoints hold full weights and the optimizer state by parameter name (`vitcore.sharding`).
 SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.FSDP)
-# train_state.pt's "optimizer_format": "by_name", `sharding.optimizer_state`'s layout, loadable by any
-# launch; without the key (older checkpoints), `optimizer.state_dict()`'s, keyed by parameter index
-OPTIMIZER_BY_NAME = "by_name"
-
-
-class Task:
-    """What a stage is to the engine. A subclass sets `name` ("pretrain" | "finetune", recorded in
-    checkpoints), `labeled` (samples must carry a class label), `transform` and `eval_transform`
-    (PIL image -> uint8 (3, H, W), run in data workers) and implements the methods that raise."""
-
-    name: str
-    labeled: bool
-    transform: Callable[[Any], torch.Tensor]
-    eval_transform: Callable[[Any], torch.Tensor]
-    bar_keys: tuple[str, ...] = ("loss", "img_s")  # training scalars shown in the progress bar
-    # (column, summary key, format) for `python -m vitcore.report`; keys of summary["final"] or
-    # "eval.<key>" for the final evaluation
-    report_columns: tuple[tuple[str, str, str], ...] = (("loss", "loss", "{:.3f}"),)
-    class_names: list[str] | None = None  # set: evaluation also draws a confusion matrix
-    log_lines: Sequence[str] = ()  # printed when training starts (build_model may set them: what it loaded)
-
-    def build_model(self) -> nn.Module:
-        """The whole trainable module."""
-        raise NotImplementedError
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(scalar loss, {name: detached 0-d tensor}); batch["image"] is uint8 (B, 3, H, W)."""
-        raise NotImplementedError
-
-    def encoder(self, model: nn.Module) -> ViT:
-        """The ViT inside an unwrapped model."""
-        raise NotImplementedError
-
-    def predict(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation: (logits (M, C), targets (M,)) of an unwrapped model in eval() mode, without
-        touching the global RNG."""
-        raise NotImplementedError
-
-    def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The weights to evaluate, by metric prefix: "" for the trained ones (an EMA adds "ema_")."""
-        return {"": model}
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Called after optimizer step `step` (0-based) with the unwrapped model (an EMA update, say)."""
-
-    def train_flops(self, model: nn.Module, image_size: tuple[int, int]) -> int:
-        """Training FLOPs per sample: forward + backward (2x forward) through the encoder."""
-        return 3 * flops_per_image(self.encoder(model).cfg, image_size)
-
-    def meta(self) -> dict[str, Any]:
-        """Task-specific checkpoint metadata (classes, pooling, where it was initialised from)."""
-        return {}
-
-    def visualize(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
-        """A (3, H, W) image in [0, 1] for TensorBoard every run.image_every steps, or None."""
-        return None
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite losses in a row)."""
-
-
-@dataclass
-class Start:
-    """Where a run starts, as rank 0 decided it (sent to every rank)."""
-
-    checkpoint: str | None  # the checkpoint directory to resume from; None: from scratch
-    step: int
-    finished: dict[str, Any] | None  # the summary of a run already complete at that step
 
 
 def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None = None,
@@ -148,207 +75,82 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
     return derive_seed(seed, rank, step, "train")
 
 
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint's training state."""
-
-    step: int = 0
-    samples: int = 0
-    nonfinite_steps: int = 0
-    best_value: float | None = None  # of run.best_metric, at the step that reached it; None: none yet
-    best_step: int = 0
-    probe_start: dict[str, float] = field(default_factory=dict)  # the monitor's scores at step 0
-
-
-class Window:
-    """Training metrics of one logging window, accumulated on the device (no host sync)."""
-
-    def __init__(self, device: torch.device, nonfinite: int = 0) -> None:
-        self.zero = torch.zeros((), device=device)
-        self.nonfinite = self.zero + nonfinite  # run total, never reset
-        self.streak = self.zero.clone()  # non-finite steps in a row, carried across windows
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.max_streak, self.grad_norm = self.zero.clone(), self.zero.clone()
-        self.start, self.wait, self.steps = time.perf_counter(), 0.0, 0
-
-    def add(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, self.zero) + v.float() * weight
-
-    def step_done(self, grad_norm: torch.Tensor, found_inf: torch.Tensor, counts_streak: bool) -> None:
-        self.streak = (self.streak + 1) * found_inf * counts_streak
-        self.max_streak = torch.maximum(self.max_streak, self.streak)
-        self.nonfinite = self.nonfinite + found_inf
-        self.grad_norm += torch.nan_to_num(grad_norm.float(), nan=0.0, posinf=0.0)
-        self.steps += 1
-
-
 class Trainer:
     def __init__(self, cfg: Any, task: Task) -> None:
         _exit_with_launcher()
         self.cfg, self.task = cfg, task
-        self.out_dir = Path(cfg.run.out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
-        self.accelerator = Accelerator(
+        self.accelerator = accel = Accelerator(
             mixed_precision=cfg.run.mixed_precision, dynamo_backend="inductor" if cfg.run.compile else "no",
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.run.collective_timeout_s))],
         )
-        self.saver = checkpoint.BackgroundSaver()
-        self._pin = self.accelerator.device.type == "cuda"  # pinned host batches: copies overlap compute
-        kind = self.accelerator.distributed_type
-        if kind not in SUPPORTED or (kind == DistributedType.FSDP and not self.accelerator.is_fsdp2):
+        kind = accel.distributed_type
+        if kind not in SUPPORTED or (kind == DistributedType.FSDP and not accel.is_fsdp2):
             name = "FSDP1" if kind == DistributedType.FSDP else kind.value
             raise TrainingError(f"{name} is not supported: the engine and its checkpoints are written for DDP and "
                                 "FSDP2; launch with multi_gpu, launch/fsdp.yaml (fsdp_version: 2) or a single process")
-        self.sharded = sharding.is_sharded(self.accelerator)
+        self.sharded = sharding.is_sharded(accel)  # FSDP: every rank runs the forwards of images and evaluation
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if launcher not in ("no", cfg.run.mixed_precision):  # "no" is also accelerate's silent default
-            self.accelerator.print(f"warning: the launcher asked for {launcher} precision; run.mixed_precision="
-                                   f"{cfg.run.mixed_precision} decides (set run.mixed_precision={launcher} for it)")
-        d, e = cfg.data, cfg.eval
+            accel.print(f"warning: the launcher asked for {launcher} precision; run.mixed_precision="
+                        f"{cfg.run.mixed_precision} decides (set run.mixed_precision={launcher} for it)")
+        d, e, pin = cfg.data, cfg.eval, accel.device.type == "cuda"  # pinned batches: copies overlap compute
+        where = dict(rank=accel.process_index, world_size=accel.num_processes, seed=cfg.run.seed, pin_memory=pin)
         # Bad shards stop the run here, before any work, with one line naming the key.
         with _data_errors("data.shards"):
-            self.stream = ShardStream(
-                d.shards, task.transform, d.batch_size, rank=self.accelerator.process_index,
-                world_size=self.accelerator.num_processes, num_workers=d.num_workers, seed=cfg.run.seed,
-                epoch_samples=d.epoch_samples, labeled=task.labeled, shuffle_buffer=d.shuffle_buffer,
-                pin_memory=self._pin,
-            )
+            self.stream = ShardStream(d.shards, task.transform, d.batch_size, num_workers=d.num_workers,
+                                      epoch_samples=d.epoch_samples, labeled=task.labeled,
+                                      shuffle_buffer=d.shuffle_buffer, **where)
         self.eval_stream: ShardStream | None = None
-        self.fixed_batch: dict[str, Any] | None = None  # validation images drawn at every evaluation
+        self.fixed_batch: Batch | None = None  # validation images drawn at every image step
         if e.shards is not None:
             with _data_errors("eval.shards"):
-                self.eval_stream = self._exactly_once(e.shards, e.batch_size, e.num_workers, task.labeled)
+                self.eval_stream = ShardStream.exactly_once(e.shards, task.eval_transform, e.batch_size,
+                                                            num_workers=e.num_workers, labeled=task.labeled, **where)
                 if task.labeled:
                     check_same_classes(self.stream.classes, self.eval_stream.classes, d.shards, e.shards)
-                if self.accelerator.is_main_process:
-                    self.fixed_batch = self._to_device(self._first_batch(e.shards, 8, task.labeled))
-        self.probe_streams: tuple[ShardStream, ShardStream] | None = None  # monitor: (train subset, val)
-        self.probe_images: torch.Tensor | None = None  # validation images for the attention maps
-        self._probe_seconds = 0.0  # time spent monitoring, reported in summary.json
-        monitor = getattr(cfg, "monitor", None)
-        if monitor is not None and monitor.enabled:
-            self._build_probe_streams(monitor)
-        self.best_metric = cfg.run.best_metric or ("val/top1" if self.eval_stream is not None else None)
-        section = (cfg.run.best_metric or "").partition("/")[0]
-        if (section == "val" and self.eval_stream is None) or (section == "probe" and self.probe_streams is None):
-            raise ConfigError(f"run.best_metric: {cfg.run.best_metric} needs "
-                              f"{'eval.shards' if section == 'val' else 'the monitor (monitor.train_shards)'}")
-
-    def _build_probe_streams(self, m: Any) -> None:
-        """Exactly-once labelled streams for the monitor's probes; bad shards stop here, before any work."""
-        streams = []
-        for key in ("train_shards", "val_shards"):
-            with _data_errors(f"monitor.{key}"):
-                streams.append(self._exactly_once(getattr(m, key), m.batch_size, m.num_workers, labeled=True))
-        with _data_errors("monitor.val_shards"):
-            check_same_classes(streams[0].classes, streams[1].classes, f"monitor.train_shards: {m.train_shards}",
-                               f"monitor.val_shards: {m.val_shards}")
-        self.probe_streams = (streams[0], streams[1])
-        if m.images and (self.accelerator.is_main_process or self.sharded):  # FSDP: every rank runs the forward
-            self.probe_images = self._first_batch(m.val_shards, m.images, labeled=True)["image"].to(self.accelerator.device)
-
-    def _exactly_once(self, shards: str, batch_size: int, num_workers: int, labeled: bool) -> ShardStream:
-        """A stream for evaluation: each sample once over all ranks, in index order, no sample dropped."""
-        return ShardStream.exactly_once(shards, self.task.eval_transform, batch_size,
-                                        rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-                                        num_workers=num_workers, seed=self.cfg.run.seed, labeled=labeled,
-                                        pin_memory=self._pin)
-
-    def _first_batch(self, shards: str, size: int, labeled: bool) -> dict[str, Any]:
-        """The first `size` samples of `shards` in index order: the fixed images drawn at every evaluation."""
-        first = ShardStream.exactly_once(shards, self.task.eval_transform, size, num_workers=0, labeled=labeled)
-        return next(iter(first))
-
-    # -- the loop -------------------------------------------------------------------------------
+                if accel.is_main_process:
+                    first = ShardStream.exactly_once(e.shards, task.eval_transform, 8, num_workers=0,
+                                                     labeled=task.labeled)
+                    self.fixed_batch = to_device(next(iter(first)), accel.device)
+        self.monitor: FeatureMonitor | None = None
+        if cfg.monitor.enabled:
+            with _data_errors(None):
+                self.monitor = FeatureMonitor(cfg.monitor, accel, task.eval_transform, cfg.run.seed, pin, self.sharded)
+        self.best_metric, self.best_mode = best_metric(cfg.run, task, self.eval_stream is not None,
+                                                       self.monitor is not None)
+        self.state = RunState(cfg, task, accel, self.stream)
 
     def fit(self) -> dict[str, Any]:
         """Train to run.steps, holding the run directory from before the first read to the end.
         Raises Preempted after saving a checkpoint when SIGTERM or SIGUSR1 arrives."""
-        lock = self._lock_run_dir()
+        lock = self.state.lock()
         try:
-            start = self._agree_on_start()
+            start = self.state.agree_on_start()
             if start.finished is not None:
-                self.accelerator.print(f"run.out_dir: {self.out_dir} is complete at step {start.step} (run.steps="
-                                       f"{self.cfg.run.steps}); its summary.json is kept. Raise run.steps to train on")
+                self.accelerator.print(f"run.out_dir: {self.cfg.run.out_dir} is complete at step {start.step} "
+                                       f"(run.steps={self.cfg.run.steps}); its summary.json is kept. Raise "
+                                       "run.steps to train on")
                 return start.finished
             with StopSignals(self.accelerator) as signals:
                 return self._fit(start.checkpoint, signals)
         finally:
-            self.saver.wait()  # a checkpoint being written in the background is complete before we return
-            if lock is not None:
-                checkpoint.unlock_run_dir(lock)
-
-    def _lock_run_dir(self) -> Any:
-        """One run per directory: rank 0 takes the lock, and every rank stops if it is taken."""
-        lock, problem = None, [None]
-        if self.accelerator.is_main_process:
-            try:
-                lock = checkpoint.lock_run_dir(self.out_dir)
-            except checkpoint.RunDirInUse as e:
-                problem = [str(e)]
-        broadcast_object_list(problem)
-        if problem[0]:
-            raise TrainingError(problem[0])
-        return lock
-
-    def _agree_on_start(self) -> Start:
-        """Where the run starts, decided by rank 0 alone and broadcast: with node-local disks or a
-        stale NFS cache, ranks reading `latest` themselves could resume from different steps and
-        hang or silently diverge. Every rank then checks that it sees that very checkpoint; if any
-        does not, all stop with one line."""
-        accel, decided = self.accelerator, [None]
-        if accel.is_main_process:
-            try:
-                decided = [self._decide_start()]
-            except TrainingError as e:
-                decided = [str(e)]
-        broadcast_object_list(decided)
-        if isinstance(decided[0], str):
-            raise TrainingError(decided[0])
-        start: Start = decided[0]
-        problem = None
-        if start.checkpoint is not None:
-            try:
-                seen = checkpoint.load_meta(start.checkpoint)["step"]
-            except (OSError, ValueError) as e:
-                seen = f"unreadable ({e})"
-            if seen != start.step:
-                problem = (f"rank {accel.process_index} sees step {seen} at {start.checkpoint}, rank 0 step "
-                           f"{start.step}: every node must see run.out_dir on one shared filesystem")
-        problems = [p for p in gather_object([problem]) if p]
-        if problems:
-            raise TrainingError(f"cannot resume: {problems[0]}")
-        return start
-
-    def _decide_start(self) -> Start:
-        """Rank 0: the checkpoint to resume from (run.resume), and the summary if the run is complete."""
-        resume_from = self._resume_point()
-        self._check_not_behind(resume_from)
-        step = checkpoint.load_meta(resume_from)["step"] if resume_from is not None else 0
-        path = self.out_dir / "summary.json"
-        summary = json.loads(path.read_text()) if path.is_file() else {}
-        finished = summary if step >= self.cfg.run.steps and summary.get("steps") == step else None
-        return Start(str(resume_from) if resume_from is not None else None, step, finished)
+            self.state.release(lock)
 
     def _fit(self, resume_from: str | None, signals: StopSignals) -> dict[str, Any]:
         cfg, accel, task = self.cfg, self.accelerator, self.task
         total = cfg.run.steps
-        model, optimizer, progress = self._restore(Path(resume_from) if resume_from else None)
+        model, optimizer, progress = self.state.restore(Path(resume_from) if resume_from else None)
         self.model = model  # kept for callers that inspect the trained model
-        monitor = Monitor(self.out_dir, total, progress.step, enabled=accel.is_main_process, bar_keys=task.bar_keys)
+        log = RunLogger(Path(cfg.run.out_dir), total, progress.step, accel.is_main_process, task.bar_keys)
         for line in task.log_lines:
-            monitor.message(line)
+            log.message(line)
         if progress.step:
-            monitor.message(f"resumed from {resume_from} at step {progress.step}")
-        probe_every = cfg.monitor.every if self.probe_streams is not None else 0
+            log.message(f"resumed from {resume_from} at step {progress.step}")
+        probe_every = cfg.monitor.every if self.monitor is not None else 0
         probe: dict[str, float] = {}
         if probe_every and progress.step == 0:  # the reference line: the randomly initialised encoder
-            probe = progress.probe_start = self._probe(monitor, model, progress)
-        per_step = cfg.data.batch_size * cfg.optim.accum_steps * accel.num_processes
+            probe = progress.probe_start = self._probe(log, model, progress)
+        per_step = cfg.data.batch_size * cfg.optim.accum_steps
         flops = task.train_flops(accel.unwrap_model(model), (cfg.model.image_size,) * 2)
         window = Window(accel.device, progress.nonfinite_steps)
         batches = self._batches()
@@ -358,66 +160,69 @@ class Trainer:
         model.train()
         while progress.step < total:
             lr, batch = self._train_step(model, optimizer, batches, window, progress.step)
-            progress.step, progress.samples = progress.step + 1, progress.samples + per_step
-            monitor.step()
+            progress.step, progress.samples = progress.step + 1, progress.samples + per_step * accel.num_processes
+            log.step()
             step, last = progress.step, progress.step == total
             if step % cfg.run.log_every == 0 or last:
-                self._log(monitor, window, progress, lr, flops)
+                self._log(log, window, progress, lr, per_step, flops)
             if cfg.run.image_every and step % cfg.run.image_every == 0 and (accel.is_main_process or self.sharded):
-                self._draw(monitor, model, self.fixed_batch or batch, step)
+                self._draw(log, model, self.fixed_batch or batch, step)
             scores: dict[str, float] = {}  # this step's metrics that can pick the best checkpoint
             if probe_every and (step % probe_every == 0 or last):
-                probe = self._probe(monitor, model, progress)
+                probe = self._probe(log, model, progress)
                 scores.update({f"probe/{k}": v for k, v in probe.items()})
             if self.eval_stream is not None and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or last):
-                evaluation = self._evaluate(monitor, model, progress)
-                scores.update({f"val/{k}": v for k, v in evaluation.items() if isinstance(v, float)})
+                evaluation = self._evaluate(log, model, progress)
+                scores.update({f"val/{k}": v for k, v in evaluation.items()})
             is_best = self._improves(scores, progress)
             stop = signals.agreed()  # every rank stops at the same step, whichever got the signal
             if step % cfg.run.ckpt_every == 0 or last or is_best or stop:
                 progress.nonfinite_steps = int(window.nonfinite.item())
-                self._save(model, optimizer, progress, best=is_best)
+                self.state.save(model, optimizer, progress, best=is_best)
             if stop and not last:
-                self.saver.wait()
-                monitor.close(None)
+                self.state.saver.wait()
+                log.close(None)
                 raise Preempted(f"{signal.Signals(signals.received or signal.SIGTERM).name}: saved a checkpoint at "
                                 f"step {step} of {total}; run the same command again to continue")
 
-        self.saver.wait()  # the last checkpoint is on disk before the summary names it
-        throughput = (progress.step - start_step) * per_step / max(time.perf_counter() - start_time, 1e-9)
-        summary = {"stage": task.name, "steps": progress.step, "samples": progress.samples,
-                   "img_s": round(throughput, 2), "processes": accel.num_processes,
+        self.state.saver.wait()  # the last checkpoint is on disk before the summary names it
+        elapsed = max(time.perf_counter() - start_time, 1e-9)
+        throughput = (progress.step - start_step) * per_step * accel.num_processes / elapsed
+        return log.close(self._summary(progress, window, probe, evaluation, throughput, flops))
+
+    def _summary(self, progress: Progress, window: Window, probe: dict[str, float], evaluation: dict[str, Any],
+                 throughput: float, flops: int) -> dict[str, Any]:
+        summary = {**self.task.declared(), "steps": progress.step, "samples": progress.samples,
+                   "img_s": round(throughput, 2), "processes": self.accelerator.num_processes,
                    "train_flops": flops * progress.samples,  # the run's training compute, machine-independent
                    "nonfinite_steps": int(window.nonfinite.item()), "skipped_samples": self.stream.skipped,
-                   "checkpoint": str(checkpoint.find_latest(self.ckpt_dir)), "columns": task.report_columns}
+                   "checkpoint": str(checkpoint.find_latest(self.state.ckpt_dir))}
         if probe:
-            summary["probe"] = probe
-            summary["probe_start"] = progress.probe_start
-            summary["probe_seconds"] = round(self._probe_seconds, 2)
+            summary.update(probe=probe, probe_start=progress.probe_start, probe_seconds=round(self.monitor.seconds, 2))
         if evaluation:
-            summary["eval"] = {k: evaluation[k] for k in ("top1", "top5", "count", "loss", "skipped")}
-            summary.update({f"eval_{p.rstrip('_')}": {"top1": evaluation[f"{p}top1"], "top5": evaluation[f"{p}top5"]}
-                            for p in self._eval_prefixes() if p})
+            prefixes = list(self.task.eval_models(self.accelerator.unwrap_model(self.model)))
+            summary["eval"] = {k: evaluation[k] for k in (*self.task.metrics, "count", "skipped")}
+            summary.update({f"eval_{p.rstrip('_')}": {k: evaluation[p + k] for k in self.task.metrics if k != "loss"}
+                            for p in prefixes if p})
         if progress.best_value is not None:
-            best = checkpoint.find_best(self.ckpt_dir)
+            best = checkpoint.find_best(self.state.ckpt_dir)
             metric = self.best_metric or ""  # the value under the metric's own name: "top1" for val/top1
             summary["best"] = {"step": progress.best_step, "metric": metric,
                                metric.partition("/")[2]: progress.best_value, "checkpoint": str(best) if best else None}
-        return monitor.close(summary)
+        return summary
 
     def _improves(self, scores: dict[str, float], progress: Progress) -> bool:
-        """Whether this step's `run.best_metric` beats the best so far (then it is the best)."""
-        metric, best = self.best_metric, progress.best_value
-        value = scores.get(metric) if metric else None
+        """Whether this step's best metric beats the best so far (then it is the best)."""
+        value, best = scores.get(self.best_metric) if self.best_metric else None, progress.best_value
         if value is None:
             return False
-        if best is not None and not (value > best if self.cfg.run.best_mode == "max" else value < best):
+        if best is not None and not (value > best if self.best_mode == "max" else value < best):
             return False
         progress.best_value, progress.best_step = value, progress.step
         return True
 
-    def _train_step(self, model: nn.Module, optimizer: Any, batches: Iterator[dict[str, Any]], window: Window,
-                    step: int) -> tuple[float, dict[str, Any]]:
+    def _train_step(self, model: nn.Module, optimizer: Any, batches: Iterator[Batch], window: Window,
+                    step: int) -> tuple[float, Batch]:
         """One optimizer step over `optim.accum_steps` micro-batches; returns its lr and last batch."""
         cfg, accel = self.cfg, self.accelerator
         accum = cfg.optim.accum_steps
@@ -446,220 +251,96 @@ class Trainer:
         window.step_done(grad_norm, found_inf, counts_streak=accel.scaler is None)
         return lr, batch
 
-    def _log(self, monitor: Monitor, window: Window, progress: Progress, lr: float, flops: int) -> None:
+    def _log(self, log: RunLogger, window: Window, progress: Progress, lr: float, per_step: int, flops: int) -> None:
         """One logging step: the window's means over all ranks, in one host sync."""
-        cfg, accel = self.cfg, self.accelerator
-        elapsed = time.perf_counter() - window.start
-        names = sorted(window.sums)
-        means = accel.reduce(torch.stack([window.sums[k] for k in names]) / window.steps, "mean")
-        extra = torch.stack([window.grad_norm / window.steps, window.nonfinite, window.max_streak])
-        *values, gnorm, n_nonfinite, worst_streak = torch.cat([means, extra]).tolist()  # the sync
-        img_s = cfg.data.batch_size * cfg.optim.accum_steps * window.steps / elapsed
-        scalars = dict(zip(names, values), lr=lr, grad_norm=gnorm, img_s=img_s * accel.num_processes,
-                       img_s_per_rank=img_s, data_wait=window.wait / elapsed, nonfinite_steps=n_nonfinite,
-                       skipped_samples=float(self.stream.skipped), tflops_per_rank=img_s * flops / 1e12)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in _device_name(accel.device)), None)
-        if peak and cfg.run.mixed_precision != "no":
-            scalars["mfu"] = img_s * flops / peak
-        monitor.log(progress.step, progress.samples, scalars)
+        cfg = self.cfg
+        scalars, worst_streak = window.scalars(self.accelerator, per_step, flops, cfg.run.mixed_precision != "no")
+        log.log(progress.step, progress.samples, {**scalars, "lr": lr, "skipped_samples": float(self.stream.skipped)})
         if worst_streak >= cfg.run.max_nonfinite:
             raise TrainingError(
-                f"{int(worst_streak)} non-finite losses in a row by step {progress.step} (run.max_nonfinite="
+                f"{worst_streak} non-finite losses in a row by step {progress.step} (run.max_nonfinite="
                 f"{cfg.run.max_nonfinite}); try a lower optim.lr or mixed_precision=no. "
-                f"The last checkpoint is intact: {checkpoint.find_latest(self.ckpt_dir)}"
+                f"The last checkpoint is intact: {checkpoint.find_latest(self.state.ckpt_dir)}"
             )
         window.reset()
 
-    def _eval_prefixes(self) -> list[str]:
-        return list(self.task.eval_models(self.accelerator.unwrap_model(self.model)))
-
-    def _evaluate(self, monitor: Monitor, model: nn.Module, progress: Progress) -> dict[str, Any]:
-        """Evaluate every weight set the task names (trained, EMA) on the validation shards."""
+    def _evaluate(self, log: RunLogger, model: nn.Module, progress: Progress) -> dict[str, Any]:
+        """Evaluate every weight set the task names (trained, EMA): the task's metrics, prefixed."""
         accel, task = self.accelerator, self.task
         assert self.eval_stream is not None
-        # the unwrapped module: a DDP forward on ranks with fewer batches would hang. Under FSDP2 it is
-        # the sharded module itself: every rank evaluates, with as many forwards as the others
-        unwrapped = accel.unwrap_model(model)
-        unwrapped.eval()
         scalars: dict[str, float] = {}
         first: dict[str, Any] = {}
-        with sharding.standalone_forwards(model):
+        # the unwrapped module: a DDP forward on ranks with fewer batches would hang. Under FSDP2 it is
+        # the sharded module itself: every rank evaluates, with as many forwards as the others
+        with eval_mode(accel.unwrap_model(model), model) as unwrapped:
             for prefix, weights in task.eval_models(unwrapped).items():
-                result = evaluate(accel, lambda batch, m=weights: task.predict(m, batch), self.eval_stream,
-                                  len(task.class_names) if task.class_names else None,
+                result = evaluate(accel, lambda batch, m=weights: task.eval_sums(m, batch), self.eval_stream,
                                   desc=f"eval {prefix.rstrip('_') or 'model'}")
-                first = first or result
-                scalars.update({f"{prefix}{k}": result[k] for k in ("top1", "top5", "loss")})
-                if "confusion" in result and not prefix:
-                    monitor.confusion(progress.step, result["confusion"])
-        unwrapped.train()
-        problem = coverage_problem(first)
-        if problem:
-            monitor.message(problem)
-        monitor.log_eval(progress.step, progress.samples, {**scalars, "count": float(first["count"])})
-        return {**first, **scalars}
+                scalars.update({f"{prefix}{k}": v for k, v in task.eval_metrics(result["sums"]).items()})
+                if not prefix:
+                    first = result
+                    for tag, image in task.eval_images(result["sums"]).items():
+                        log.image(progress.step, tag, image)
+        if problem := coverage_problem(first):
+            log.message(problem)
+        log.log_section("val", progress.step, progress.samples, {**scalars, "count": float(first["count"])},
+                        first["count"])
+        return {**scalars, "count": first["count"], "skipped": first["skipped"]}
 
-    def _probe(self, monitor: Monitor, model: nn.Module, progress: Progress) -> dict[str, float]:
-        """The monitor: kNN and linear-probe top-1 of the encoder's features, and its attention maps.
-        Every rank extracts its share of the features; all ranks score the gathered ones identically."""
-        accel, m = self.accelerator, self.cfg.monitor
-        assert self.probe_streams is not None
-        start = time.perf_counter()
-        vit = self.task.encoder(accel.unwrap_model(model))
-        was_training = vit.training
-        vit.eval()
-        with sharding.standalone_forwards(model):  # under FSDP every rank runs both extractions and the maps
-            train, val = (extract_features(accel, vit, stream, desc=f"monitor {name}")
-                          for name, stream in zip(("train", "val"), self.probe_streams))
-            maps = attention_maps(vit, self.probe_images) if self.probe_images is not None else {}
-        for name, features in (("train", train), ("val", val)):
-            if problem := features.coverage_problem(name):
-                monitor.message(problem)
-        classes = self.probe_streams[0].classes
-        assert classes is not None  # labeled streams
-        scores = probe_scores(train, val, len(classes), m.knn_k, m.knn_temperature, m.probe_steps)
-        for tag, image in maps.items():  # the monitor writes on the main process only
-            monitor.image(progress.step, f"probe/{tag}", image)
-        vit.train(was_training)
-        seconds = time.perf_counter() - start
-        self._probe_seconds += seconds
-        monitor.log_probe(progress.step, progress.samples, {**scores, "seconds": seconds,
-                                                            "images": float(len(val.keys))})
-        return scores
+    def _probe(self, log: RunLogger, model: nn.Module, progress: Progress) -> dict[str, float]:
+        """The feature monitor's scores of the encoder (every rank takes part); the maps to TensorBoard."""
+        assert self.monitor is not None
+        scores, maps, warnings = self.monitor(self.task.encoder(self.accelerator.unwrap_model(model)), model)
+        for line in warnings:
+            log.message(line)
+        for tag, image in maps.items():  # the logger writes on the main process only
+            log.image(progress.step, f"probe/{tag}", image)
+        log.log_section("probe", progress.step, progress.samples, scores, scores["images"])
+        return {k: v for k, v in scores.items() if k not in ("seconds", "images")}
 
-    def _draw(self, monitor: Monitor, model: nn.Module, batch: dict[str, Any], step: int) -> None:
+    def _draw(self, log: RunLogger, model: nn.Module, batch: Batch, step: int) -> None:
         # DDP: the unwrapped module on the main process only, since a DDP forward on one rank alone
         # could wait on collectives forever. FSDP: every rank runs the forward (it all-gathers the
         # parameters), on its own batch where it has no fixed one; the main process logs.
         with sharding.standalone_forwards(model):
-            image = self.task.visualize(self.accelerator.unwrap_model(model), batch)
-        if image is not None and self.accelerator.is_main_process:
-            monitor.image(step, f"{self.task.name}/examples", image)
+            images = self.task.visualize(self.accelerator.unwrap_model(model), batch)
+        for tag, image in images.items():
+            log.image(step, tag, image)
 
-    # -- state: restore and save ------------------------------------------------------------------
-
-    def _restore(self, resume_from: Path | None) -> tuple[nn.Module, Any, Progress]:
-        """Build model and optimizer; load the checkpoint to resume from (rank 0's choice), if any."""
-        cfg, accel = self.cfg, self.accelerator
-        set_seed(cfg.run.seed)  # identical initialisation on every rank
-        model = self.task.build_model()
-        optimizer = build_optimizer(model, cfg.optim)
-        progress = Progress()
-        if resume_from is not None:
-            model.load_state_dict(checkpoint.load_weights(resume_from))
-        model, optimizer = accel.prepare(model, optimizer)
-        if resume_from is not None:
-            # mapped, not read, on the other ranks: they take rank 0's optimizer state through the
-            # process group, and read only the small entries (data positions, progress)
-            state = checkpoint.load_train_state(resume_from, mmap=not accel.is_main_process)
-            if state.get("optimizer_format") == OPTIMIZER_BY_NAME:
-                sharding.load_optimizer_state(model, optimizer, state["optimizer"] if accel.is_main_process else None)
-            elif self.sharded:
-                raise TrainingError(f"{resume_from}: its optimizer state is keyed by parameter index (saved before "
-                                    "FSDP support); resume it under DDP or in one process, and its next checkpoint "
-                                    "will load under FSDP")
-            else:
-                optimizer.optimizer.load_state_dict(state["optimizer"])
-            ranks = state["data"]  # one stream position per rank: sample offsets and skip counts differ
-            self.stream.load_state_dict(ranks[accel.process_index] if accel.process_index < len(ranks) else ranks[0])
-            progress = Progress(**{k: state[k] for k in Progress.__dataclass_fields__ if k in state})
-            if accel.scaler is not None and "scaler" in state:  # fp16: resume with the loss scale reached
-                accel.scaler.load_state_dict(state["scaler"])
-        if accel.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
-        return model, optimizer, progress
-
-    def _batches(self) -> Iterator[dict[str, Any]]:
+    def _batches(self) -> Iterator[Batch]:
         """Batches on the device, epoch after epoch."""
         while True:
             for batch in self.stream:
-                yield self._to_device(batch)
-
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return to_device(batch, self.accelerator.device)
-
-    def _resume_point(self) -> Path | None:
-        resume = self.cfg.run.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            return checkpoint.find_latest(self.ckpt_dir)
-        return checkpoint.resolve(resume)
-
-    def _check_not_behind(self, resume_from: Path | None) -> None:
-        """Refuse to start behind the run directory's newest checkpoint: its later checkpoints,
-        metrics and events would be overwritten or interleaved with the new ones."""
-        newest = checkpoint.find_latest(self.ckpt_dir)
-        if newest is None:
-            return
-        start = checkpoint.load_meta(resume_from)["step"] if resume_from is not None else 0
-        if checkpoint.load_meta(newest)["step"] > start:
-            where = f"step {start} of {resume_from}" if resume_from is not None else "scratch (run.resume=never)"
-            raise TrainingError(
-                f"run.out_dir: {self.out_dir} already holds checkpoints up to {newest.name}; starting from "
-                f"{where} would overwrite them. Use a new run.out_dir (run.resume=<checkpoint> works there too)"
-            )
-
-    def _save(self, model: nn.Module, optimizer: Any, progress: Progress, best: bool) -> None:
-        accel = self.accelerator
-        # Collectives, in this order on every rank: rank 0 receives the full weights and optimizer state
-        # (keyed by parameter name) as host snapshots that training no longer changes; the others None.
-        weights = sharding.full_model_state(model, accel)
-        optimizer_state = sharding.optimizer_state(model, optimizer)
-        problem: list[str | None] = [None]
-        if weights is not None:
-            try:
-                checkpoint.check_finite(weights)
-            except checkpoint.NonFiniteWeights as e:
-                problem = [str(e)]
-        broadcast_object_list(problem)  # rank 0 alone holds the weights: all ranks stop together
-        if problem[0]:
-            raise TrainingError(f"step {progress.step}: the weights were not saved: {problem[0]}. The last "
-                                f"checkpoint is intact: {checkpoint.find_latest(self.ckpt_dir)}")
-        data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
-        self.saver.wait()  # the previous write is complete (and its errors raised) before the next
-        if accel.is_main_process:
-            unwrapped = accel.unwrap_model(model)
-            encoder = self.task.encoder(unwrapped)
-            prefix = next(name for name, m in unwrapped.named_modules() if m is encoder)
-            c = encoder.cfg
-            meta = {
-                "format": 1, "stage": self.task.name, "created": datetime.now(timezone.utc).isoformat(),
-                "arch": {"variant": self.cfg.model.variant, "dim": c.dim, "depth": c.depth, "heads": c.heads,
-                         "mlp_ratio": c.mlp_ratio, "patch_size": c.patch_size,
-                         "image_size": list(c.image_size), "grid": list(c.grid)},
-                "encoder_prefix": f"{prefix}." if prefix else "", "samples": progress.samples,
-                **self.task.meta(), "config": to_dict(self.cfg),
-            }
-            state = {"data": data, **{k: getattr(progress, k) for k in Progress.__dataclass_fields__}}
-            if accel.scaler is not None:
-                state["scaler"] = accel.scaler.state_dict()
-            # Copied to host memory now (training goes on changing the live tensors; weights and optimizer
-            # state are snapshots already); written to disk in the background, so that no rank waits on a
-            # slow filesystem for longer than the copy.
-            state = {**checkpoint.host_copy(state), "optimizer": optimizer_state,
-                     "optimizer_format": OPTIMIZER_BY_NAME}
-            self.saver.submit(self.ckpt_dir, progress.step, weights, state, meta, self.cfg.run.keep_last, best=best)
+                yield to_device(batch, self.accelerator.device)
 
 
-class _data_errors:
-    """Turn a stream's FileNotFoundError / ValueError into one TrainingError line naming `key`."""
+def best_metric(run: Any, task: Task, evaluates: bool, monitors: bool) -> tuple[str | None, str]:
+    """The metric that picks checkpoints/best and its better direction: run.best_metric (run.best_mode,
+    or the task's direction), else the task's own metric when the run evaluates. A metric the run
+    cannot produce is a ConfigError, before any work."""
+    metric = run.best_metric or (f"val/{task.best_metric}" if evaluates else None)
+    if metric is None:
+        return None, "max"
+    section, _, name = metric.partition("/")
+    if section == "val" and (not evaluates or name.removeprefix("ema_") not in task.metrics):
+        raise ConfigError(f"run.best_metric: {metric} needs eval.shards and one of the task's metrics: "
+                          + ", ".join(f"val/{m}" for m in task.metrics))
+    if section == "probe" and not monitors:
+        raise ConfigError(f"run.best_metric: {metric} needs the monitor (monitor.train_shards)")
+    direction = task.metrics.get(name.removeprefix("ema_"), "max") if section == "val" else "max"
+    return metric, run.best_mode or direction
 
-    def __init__(self, key: str) -> None:
-        self.key = key
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
-        if isinstance(error, FileNotFoundError):
-            hint = (" (write shards with `python -m vitcore.data.shards`, or `make demo` for the default Imagenette "
-                    "ones)")
-            raise TrainingError(f"{self.key}: {error}{hint}") from None
-        if isinstance(error, ValueError):
-            raise TrainingError(f"{self.key}: {error}") from None
-        return False
+@contextmanager
+def _data_errors(key: str | None) -> Iterator[None]:
+    """A stream's FileNotFoundError / ValueError as one TrainingError line naming `key`."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        hint = " (write shards with `python -m vitcore.data.shards`, or `make demo` for the default Imagenette ones)"
+        raise TrainingError(f"{key + ': ' if key else ''}{error}{hint}") from None
+    except ValueError as error:
+        raise TrainingError(f"{key + ': ' if key else ''}{error}") from None
 
 
 def _exit_with_launcher() -> None:
@@ -673,7 +354,3 @@ def _exit_with_launcher() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the launcher died before the request: no signal would come
         raise SystemExit("error: the launcher exited before training started")
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

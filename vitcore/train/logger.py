@@ -1,4 +1,10 @@
-"""What a run reports: a progress bar, TensorBoard scalars and images, metrics.jsonl, summary.json.
+"""What a run reports as it goes: a progress bar, TensorBoard scalars and images, metrics.jsonl
+and, at the end, summary.json (both through `vitcore.rundir`).
+
+TensorBoard groups scalars by prefix: `train/` (loss, the task's metrics, lr, gradient norm),
+`sys/` (throughput, data wait, FLOP/s, MFU, skipped samples), `val/` (evaluations) and `probe/`
+(the feature monitor). metrics.jsonl keeps the training scalars under their bare names (`loss`,
+`img_s`, ...) and evaluation and probe scalars under `val/...` and `probe/...`.
 
 Only the main process writes; on other ranks every method is a no-op, so the engine calls them
 unconditionally. Values arrive as Python floats: the engine syncs once per logging step.
@@ -6,7 +12,6 @@ unconditionally. Values arrive as Python floats: the engine syncs once per loggi
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +19,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vitcore.atomic import atomic_write_text
+from vitcore import rundir
+
+# Training scalars that describe the machine rather than the model: TensorBoard's `sys/` group
+SYSTEM_SCALARS = frozenset({"img_s", "img_s_per_rank", "data_wait", "tflops_per_rank", "mfu", "skipped_samples"})
 
 
-class Monitor:
-    """`bar_keys`: the training scalars shown in the progress bar (the task chooses them); every
-    scalar goes to TensorBoard and metrics.jsonl."""
+class RunLogger:
+    """`bar_keys`: the training scalars shown in the progress bar (the task chooses them)."""
 
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool,
                  bar_keys: tuple[str, ...] = ("loss", "img_s")) -> None:
@@ -35,8 +42,7 @@ class Monitor:
         # purge_step: TensorBoard hides events an earlier run in this dir logged after the step we
         # resume from (that step itself was logged before its checkpoint, and is not logged again).
         self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1)
-        self.metrics_path = out_dir / "metrics.jsonl"
-        self._truncate_after(start_step)
+        rundir.truncate_metrics(out_dir, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self) -> None:
@@ -49,38 +55,24 @@ class Monitor:
         if not self.enabled:
             return
         for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(self.last) + "\n")
+            self.writer.add_scalar(f"{'sys' if name in SYSTEM_SCALARS else 'train'}/{name}", value, step)
+        rundir.append_metrics(self.out_dir, self.last)
         self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in self.bar_keys if k in scalars}, refresh=False)
 
-    def log_eval(self, step: int, samples: int, scalars: dict[str, float]) -> None:
-        """An evaluation: TensorBoard under `val/`, a metrics.jsonl row with `val/` keys, one line."""
-        self._log_section("val", step, samples, scalars, scalars.get("count", 0))
-
-    def log_probe(self, step: int, samples: int, scalars: dict[str, float]) -> None:
-        """The feature monitor's scores: TensorBoard under `probe/`, a metrics.jsonl row, one line."""
-        self._log_section("probe", step, samples, scalars, scalars.get("images", 0))
-
-    def _log_section(self, section: str, step: int, samples: int, scalars: dict[str, float], images: float) -> None:
-        """Scalars under `<section>/` to TensorBoard and a metrics.jsonl row of their own; the
-        accuracies (keys with top1/top5) as one printed line."""
+    def log_section(self, section: str, step: int, samples: int, scalars: dict[str, float], count: float) -> None:
+        """An evaluation (`val`) or the feature monitor's scores (`probe`): TensorBoard under
+        `<section>/`, a metrics.jsonl row of their own, and the accuracies (keys with top1/top5) or
+        else every scalar as one printed line."""
         if not self.enabled:
             return
         for name, value in scalars.items():
             self.writer.add_scalar(f"{section}/{name}", value, step)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, "samples": samples,
-                                **{f"{section}/{k}": v for k, v in scalars.items()}}) + "\n")
-        shown = ", ".join(f"{k} {v:.2%}" for k, v in scalars.items() if "top1" in k or "top5" in k)
-        tqdm.write(f"step {step} {section}: {shown} ({int(images)} images)")
-
-    def confusion(self, step: int, matrix: torch.Tensor, class_names: list[str] | None = None) -> None:
-        """A (C, C) confusion matrix of counts (rows: true class) as a TensorBoard image."""
-        if self.enabled:
-            from vitcore.report.attention import confusion_image
-
-            self.image(step, "val/confusion", confusion_image(matrix, class_names))
+        rundir.append_metrics(self.out_dir, {"step": step, "samples": samples,
+                                             **{f"{section}/{k}": v for k, v in scalars.items()}})
+        accuracies = {k: v for k, v in scalars.items() if "top1" in k or "top5" in k}
+        shown = ", ".join([f"{k} {v:.2%}" for k, v in accuracies.items()] if accuracies else
+                          [f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("count", "images", "seconds")])
+        tqdm.write(f"step {step} {section}: {shown} ({int(count)} images)")
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """A (3, H, W) float image in [0, 1]."""
@@ -99,26 +91,5 @@ class Monitor:
             self.bar.close()
             self.writer.close()
             if summary is not None:
-                atomic_write_text(self.out_dir / "summary.json", json.dumps(result, indent=2))
+                rundir.write_summary(self.out_dir, result)
         return result
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines an earlier run logged after `step` (all of them on a fresh start), so each
-        step appears once after a resume."""
-        if not self.metrics_path.exists():
-            return
-        kept = [row for row in read_metrics(self.metrics_path) if row["step"] <= step]
-        # A crash here leaves the old file or the new one.
-        atomic_write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl, passing over blank lines and the half-written last line a
-    crash can leave."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
