@@ -104,6 +104,10 @@ experiment: setup $(EXP_SETS) $(EXP_RUNS)/pretrain/summary.json
 	cp $(EXP_RUNS)/figures/compute.png docs/figures/experiment_compute.png
 	$(PY) -m vitcore.report.plots --out $(EXP_RUNS)/figures pretrain=$(EXP_RUNS)/pretrain \
 	    $(foreach s,$(SEEDS),pretrained-s$(s)=$(EXP_RUNS)/pretrained-s$(s) scratch_same_compute-s$(s)=$(EXP_RUNS)/scratch_same_compute-s$(s))
+	cp $(EXP_RUNS)/figures/probes.png docs/figures/experiment_probes.png
+	cp $(EXP_RUNS)/figures/training_curves.png $(EXP_RUNS)/figures/val_top1.png \
+	    $(EXP_RUNS)/figures/pretrain_mpp_predictions.png docs/figures/
+	cp $(EXP_RUNS)/figures/pretrained-s$(firstword $(SEEDS))_val_confusion.png docs/figures/experiment_confusion.png
 
 # The search behind the experiment's recipes, the same for both arms: peak lr, then warmup at the
 # best lr, each fine-tuned for SWEEP_STEPS on the training images minus a held-out 1,000 and
@@ -112,6 +116,7 @@ SWEEP_RUNS  ?= runs/sweep
 SWEEP_STEPS ?= 200
 SWEEP_LRS   ?= 5e-4 1e-3 2e-3
 SWEEP_WARMUPS ?= 10 100
+SWEEP_LR_WARMUP ?= 40  # the lr search's warmup, the same for both arms whatever their recipes say
 SWEEP_DATA  := data.shards=$(EXP_DATA)/sweep-train eval.shards=$(EXP_DATA)/sweep-holdout run.steps=$(SWEEP_STEPS) \
                run.eval_every=0 run.image_every=0
 sweep: setup $(EXP_DATA)/sweep-train/index.json $(EXP_DATA)/sweep-holdout/index.json $(EXP_RUNS)/pretrain/summary.json
@@ -119,7 +124,8 @@ sweep: setup $(EXP_DATA)/sweep-train/index.json $(EXP_DATA)/sweep-holdout/index.
 	for arm in pretrained scratch; do \
 	  if [ $$arm = pretrained ]; then init=$(EXP_RUNS)/pretrain; else init=null; fi; \
 	  for lr in $(SWEEP_LRS); do \
-	    $(call EXP_FT,$$arm) $(SWEEP_DATA) init_from=$$init optim.lr=$$lr run.out_dir=$(SWEEP_RUNS)/$$arm/lr$$lr \
+	    $(call EXP_FT,$$arm) $(SWEEP_DATA) init_from=$$init optim.lr=$$lr optim.warmup_steps=$(SWEEP_LR_WARMUP) \
+	        run.out_dir=$(SWEEP_RUNS)/$$arm/lr$$lr \
 	        || exit 1; \
 	  done; \
 	  best=$$($(PY) -m finetune.compare best $(SWEEP_RUNS)/$$arm/lr*) || exit 1; \

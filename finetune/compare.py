@@ -37,26 +37,22 @@ REGIMES = {"all": ("", "all labels"), "labels_10pct": ("labels_10pct", "10% of t
 PROBES = {"pretrained": "linear probe, MPP encoder", "random": "linear probe, random encoder"}
 
 
-def summary(run: Path) -> dict[str, Any]:
-    return read_summary(run)
-
-
 def matched_steps(pretrain: Path, finetune: Path) -> int:
     """Steps of `finetune`'s recipe (from scratch: the same FLOPs per step) whose training compute
     equals `pretrain`'s plus `finetune`'s, rounded to the nearest step."""
-    pre, ft = summary(pretrain), summary(finetune)
+    pre, ft = read_summary(pretrain), read_summary(finetune)
     per_step = ft["train_flops"] / ft["steps"]
     return round((pre["train_flops"] + ft["train_flops"]) / per_step)
 
 
 def best_run(runs: list[Path]) -> Path:
     """The run whose final evaluation has the highest top-1 (the first one on a tie)."""
-    return max(runs, key=lambda run: summary(run)["eval"]["top1"])
+    return max(runs, key=lambda run: read_summary(run)["eval"]["top1"])
 
 
 def _run_row(run: Path, pretrain: dict[str, Any] | None = None) -> dict[str, Any]:
     """A run's final top-1/top-5 and its cost; with `pretrain`, the cost includes the pretraining."""
-    s = summary(run)
+    s = read_summary(run)
     flops, wall = s["train_flops"], s["wall_time_s"]
     if pretrain is not None:
         flops, wall = flops + pretrain["train_flops"], wall + pretrain["wall_time_s"]
@@ -72,7 +68,7 @@ def _arm(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
-    pre = summary(exp / "pretrain")
+    pre = read_summary(exp / "pretrain")
     out: dict[str, Any] = {
         "pretrain": {"steps": pre["steps"], "train_flops": pre["train_flops"], "wall_s": pre["wall_time_s"],
                      "val_mpp_top1": (pre.get("eval") or {}).get("top1"), "probe": pre.get("probe"),
@@ -91,9 +87,9 @@ def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
             out.update(entry)
         else:
             out[regime] = entry
-    out["probes"] = {name: {k: summary(exp / f"probe-{name}")["eval"][k] for k in ("top1", "top5")}
+    out["probes"] = {name: {k: read_summary(exp / f"probe-{name}")["eval"][k] for k in ("top1", "top5")}
                      for name in PROBES if (exp / f"probe-{name}").is_dir()}
-    out["wall_s"] = round(sum(summary(p.parent)["wall_time_s"] for p in exp.glob("**/summary.json")), 1)
+    out["wall_s"] = round(sum(read_summary(p.parent)["wall_time_s"] for p in exp.glob("**/summary.json")), 1)
     out["seeds"] = seeds
     return out
 
@@ -127,7 +123,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:
     """(cumulative training TFLOPs, val top-1 %) at each of a run's evaluations."""
-    s = summary(run)
+    s = read_summary(run)
     per_step = s["train_flops"] / s["steps"]
     rows = [r for r in read_metrics(run) if "val/top1" in r]
     return [(offset + r["step"] * per_step) / 1e12 for r in rows], [100 * r["val/top1"] for r in rows]
@@ -151,7 +147,7 @@ def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
             for name, marker in (("pretrained", "o"), ("random", "x")):
                 run = exp / f"probe-{name}"
                 if run.is_dir():
-                    x = (pre_flops if name == "pretrained" else 0.0) + summary(run)["train_flops"]
+                    x = (pre_flops if name == "pretrained" else 0.0) + read_summary(run)["train_flops"]
                     ax.plot([x / 1e12], [100 * res["probes"][name]["top1"]], marker, color="C2" if name ==
                             "pretrained" else "0.4", label=f"linear probe, {name} encoder")
         ax.set(title=f"{words} (seed {seed})", xlabel="cumulative training compute (TFLOP)",
@@ -165,19 +161,24 @@ def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
 def sweep_table(sweep: Path) -> tuple[str, dict[str, Any]]:
     """Every sweep run's lr, warmup and held-out top-1, per arm, and each arm's choice."""
     out: dict[str, Any] = {}
-    lines = ["| arm | peak lr | warmup steps | held-out top-1 |", "|---|---|---|---|"]
     for arm_dir in sorted(p for p in sweep.iterdir() if p.is_dir()):
         rows = []
         for run in sorted(p for p in arm_dir.iterdir() if (p / "summary.json").is_file()):
             cfg = _config(run)
             rows.append({"run": run.name, "lr": cfg["optim"]["lr"], "warmup_steps": cfg["optim"]["warmup_steps"],
-                         "top1": summary(run)["eval"]["top1"]})
+                         "top1": read_summary(run)["eval"]["top1"]})
         rows.sort(key=lambda r: (r["lr"], r["warmup_steps"]))
-        best = max(rows, key=lambda r: r["top1"])
-        out[arm_dir.name] = {"runs": rows, "chosen": best}
-        lines += [f"| {arm_dir.name} | {r['lr']:g} | {r['warmup_steps']} | {_pct(r['top1'])}"
-                  f"{' (chosen)' if r is best else ''} |" for r in rows]
-    return "\n".join(lines), out
+        out[arm_dir.name] = {"runs": rows, "chosen": max(rows, key=lambda r: r["top1"])}
+    return sweep_markdown(out), out
+
+
+def sweep_markdown(data: dict[str, Any]) -> str:
+    """The sweep's table (the docs show it) from its results.json."""
+    lines = ["| arm | peak lr | warmup steps | held-out top-1 |", "|---|---|---|---|"]
+    for arm, entry in data.items():
+        lines += [f"| {arm} | {r['lr']:g} | {r['warmup_steps']} | {_pct(r['top1'])}"
+                  f"{' (chosen)' if r == entry['chosen'] else ''} |" for r in entry["runs"]]
+    return "\n".join(lines)
 
 
 def _config(run: Path) -> dict[str, Any]:

@@ -16,16 +16,15 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from finetune.config import FinetuneConfig
-from vitcore.report.attention import attention_maps
 from vitcore.config import ConfigError
 from vitcore.data import read_index
 from vitcore.data.transforms import eval_transform, normalize, train_transform
 from vitcore.eval.loop import eval_mode
 from vitcore.eval.metrics import classification_metrics, classification_sums
-from vitcore.report.attention import confusion_image
-from vitcore.train.task import Task
 from vitcore.model.pretrained import load_encoder
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
+from vitcore.report.attention import attention_maps, confusion_image
+from vitcore.train.task import Task
 
 
 class Classifier(nn.Module):

@@ -16,13 +16,13 @@ from torchvision.utils import make_grid
 from pretrain.config import MPPConfig, PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, Corruption, corrupt, corruption_counts
 from pretrain.targets import SUB, make_targets, num_outputs, patchify, render, unpatchify
-
-CROP_SCALE = (0.35, 1.0)  # area fraction of the random crops: milder than fine-tuning's (0.08, 1)
 from vitcore.data.transforms import eval_transform, normalize, train_transform
 from vitcore.eval.loop import eval_mode
-from vitcore.eval.metrics import classification_metrics, classification_sums, sum_dtype
-from vitcore.train.task import Task
+from vitcore.eval.metrics import classification_metrics, classification_sums, mean_metrics, mean_sums
 from vitcore.model.vit import ViT, ViTConfig
+from vitcore.train.task import Task
+
+CROP_SCALE = (0.35, 1.0)  # area fraction of the random crops: milder than fine-tuning's (0.08, 1)
 
 
 class MPPOutput(NamedTuple):
@@ -149,16 +149,11 @@ class MPPTask(Task):
         logits, rec = model(normalize(images), generator)  # (B, K, outputs)
         target = self.targets(images, rec.positions)  # (B, K[, 16]) or (B, K, 3*p*p)
         if self.mpp.target == "pixels":
-            err = (logits.float() - target).pow(2).mean(-1)  # (B, K)
-            dtype = sum_dtype(err.device)
-            return {"loss": err.sum().to(dtype), "count": torch.tensor(float(err.numel()), dtype=dtype,
-                                                                       device=err.device)}
+            return mean_sums(loss=(logits.float() - target).pow(2).mean(-1))  # squared errors (B, K)
         return classification_sums(logits.reshape(-1, self.num_colours), target.flatten())
 
     def eval_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
-        if self.mpp.target == "pixels":
-            return {"loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
-        return classification_metrics(sums)
+        return mean_metrics(sums) if self.mpp.target == "pixels" else classification_metrics(sums)
 
     def _present_kinds(self, images: Tensor) -> list[tuple[str, int]]:
         """(name, code) of the corruption kinds each image has at least one patch of. Decided from

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.compare import REGIMES, main, markdown, matched_steps, results
+from finetune.compare import REGIMES, main, markdown, matched_steps, results, sweep_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,3 +95,9 @@ def test_the_docs_show_the_shipped_experiment_results(page):
     res = json.loads((ROOT / "docs" / "experiment-results.json").read_text())
     assert set(REGIMES) - {"all"} <= res.keys()
     assert markdown(res) in (ROOT / page).read_text()
+
+
+def test_the_docs_show_the_shipped_sweep():
+    """docs/results.md's sweep table is the one `make sweep` wrote to docs/sweep-results.json at this commit."""
+    data = json.loads((ROOT / "docs" / "sweep-results.json").read_text())
+    assert sweep_markdown(data) in (ROOT / "docs" / "results.md").read_text()

@@ -105,3 +105,8 @@ def test_every_python_m_module_a_page_names_exists(page):
     for module in re.findall(r"python -m ([\w.]+)", page.read_text()):
         base = ROOT / module.replace(".", "/")
         assert base.with_suffix(".py").exists() or (base / "__main__.py").exists(), f"{page.name}: python -m {module}"
+
+
+def test_the_readme_stays_a_first_page():
+    """What a newcomer needs first fits in ~200 lines; the rest lives in docs/."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200

@@ -43,8 +43,7 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from vitcore import checkpoint
-from vitcore import rundir
+from vitcore import checkpoint, rundir
 from vitcore.atomic import atomic_write_text, commit
 from vitcore.data.transforms import EVAL_CROP_FRACTION, MEAN, STD
 from vitcore.model.pretrained import load_model
