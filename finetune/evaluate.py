@@ -26,6 +26,7 @@ from vitcore.eval.metrics import classification_metrics, classification_sums
 from vitcore.model.pos_embed import grid_size
 from vitcore.model.pretrained import load_model
 from vitcore.model.vit import ViT
+from vitcore.train.ending import Ending
 
 
 def load_classifier(path: str | Path, image_size: tuple[int, int] | None = None,
@@ -56,25 +57,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     size = None if args.image_size is None else tuple(args.image_size * 2 if len(args.image_size) == 1
                                                       else args.image_size[:2])
-    accelerator = Accelerator()
-    try:
-        vit, meta = load_classifier(args.checkpoint, size, args.ema)
-        stream = ShardStream.exactly_once(args.data, eval_transform(tuple(vit.cfg.image_size)), args.batch_size,
-                                          rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                          num_workers=args.num_workers)
-        check_same_classes(meta["classes"], stream.classes, "the checkpoint", args.data)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    vit.to(accelerator.device)
-    result = evaluate(accelerator, lambda batch: classification_sums(vit(normalize(batch["image"])).logits,
-                                                                     batch["label"]), stream)
-    problem = coverage_problem(result)
-    if problem:
-        accelerator.print(problem)
-    metrics = classification_metrics(result["sums"])
-    out = {"top1": metrics["top1"], "top5": metrics["top5"], "count": result["count"]}
-    accelerator.print(json.dumps(out))
-    return out
+    with Ending() as end:  # stops the data workers and ends the process group on every way out
+        accelerator = Accelerator()
+        try:
+            vit, meta = load_classifier(args.checkpoint, size, args.ema)
+            stream = end.closing(ShardStream.exactly_once(
+                args.data, eval_transform(tuple(vit.cfg.image_size)), args.batch_size,
+                rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=args.num_workers))
+            check_same_classes(meta["classes"], stream.classes, "the checkpoint", args.data)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        vit.to(accelerator.device)
+        result = evaluate(accelerator, lambda batch: classification_sums(vit(normalize(batch["image"])).logits,
+                                                                         batch["label"]), stream)
+        problem = coverage_problem(result)
+        if problem:
+            accelerator.print(problem)
+        metrics = classification_metrics(result["sums"])
+        out = {"top1": metrics["top1"], "top5": metrics["top5"], "count": result["count"]}
+        accelerator.print(json.dumps(out))
+        return out
 
 
 if __name__ == "__main__":

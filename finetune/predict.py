@@ -37,6 +37,7 @@ from finetune.evaluate import load_classifier
 from vitcore.data.sources import is_image_name
 from vitcore.data.transforms import DECODE_ERRORS, ResizeCenterCrop, eval_transform, normalize, open_image
 from vitcore.model.vit import ViT
+from vitcore.train.ending import Ending
 
 Item = tuple[int, Tensor | None, str | None]  # (input position, uint8 (3, H, W) image or None, error or None)
 
@@ -119,34 +120,35 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.image_size is not None and len(args.image_size) > 2:
         parser.error("--image-size takes one size (square) or two (height width)")
     size = None if args.image_size is None else (args.image_size[0], args.image_size[-1])
-    accelerator = Accelerator()
-    try:
-        vit, meta = load_classifier(args.checkpoint, size, args.ema)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    vit.to(accelerator.device)
-    paths = image_paths(args.images)
-    if not paths:
-        raise SystemExit(f"error: no image files in {' '.join(args.images)}")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(paths), world))  # image i goes to rank i mod world
-    loader = DataLoader(ImageFiles(paths, mine, eval_transform(tuple(vit.cfg.image_size))),
-                        batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate)
-    batches = iter(loader)
-    # Every rank takes part in every gather: as many rounds as the largest share has batches. Round r
-    # holds inputs [r * B * world, (r + 1) * B * world), so rank 0 prints in input order as it goes.
-    rounds = math.ceil(math.ceil(len(paths) / world) / args.batch_size)
-    k = min(args.top_k, meta["num_classes"])
-    printed: list[dict[str, Any]] = []
-    for _ in range(rounds):
-        batch = next(batches, None)
-        results = [] if batch is None else predict_batch(vit, batch, paths, meta["classes"], k, accelerator.device)
-        results = gather_object(results) if world > 1 else results
-        if accelerator.is_main_process:
-            for _, result in sorted(results, key=lambda pr: pr[0]):
-                print(format_line(result, args.json), flush=True)
-                printed.append(result)
-    return printed
+    with Ending():  # stops the data workers and ends the process group on every way out
+        accelerator = Accelerator()
+        try:
+            vit, meta = load_classifier(args.checkpoint, size, args.ema)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        vit.to(accelerator.device)
+        paths = image_paths(args.images)
+        if not paths:
+            raise SystemExit(f"error: no image files in {' '.join(args.images)}")
+        rank, world = accelerator.process_index, accelerator.num_processes
+        mine = list(range(rank, len(paths), world))  # image i goes to rank i mod world
+        loader = DataLoader(ImageFiles(paths, mine, eval_transform(tuple(vit.cfg.image_size))),
+                            batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate)
+        batches = iter(loader)
+        # Every rank takes part in every gather: as many rounds as the largest share has batches. Round r
+        # holds inputs [r * B * world, (r + 1) * B * world), so rank 0 prints in input order as it goes.
+        rounds = math.ceil(math.ceil(len(paths) / world) / args.batch_size)
+        k = min(args.top_k, meta["num_classes"])
+        printed: list[dict[str, Any]] = []
+        for _ in range(rounds):
+            batch = next(batches, None)
+            results = [] if batch is None else predict_batch(vit, batch, paths, meta["classes"], k, accelerator.device)
+            results = gather_object(results) if world > 1 else results
+            if accelerator.is_main_process:
+                for _, result in sorted(results, key=lambda pr: pr[0]):
+                    print(format_line(result, args.json), flush=True)
+                    printed.append(result)
+        return printed
 
 
 if __name__ == "__main__":

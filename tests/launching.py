@@ -33,3 +33,33 @@ def launch_command(script: str | Path, *args: str, processes: int = 2, machines:
     if machines > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     return [*cmd, str(script), *args]
+
+
+# Launched in place of a rank's script: it runs the script as a child with the rank's environment
+# and records how the child ended, signals included (a process cannot report its own SIGABRT at
+# exit), in <out>/rank<RANK>.json. SIGINT and SIGTERM from the launcher are passed on to the child.
+RECORDER = """
+import json, os, signal, subprocess, sys
+out, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+child = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE, text=True)
+for s in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(s, lambda signum, frame: child.send_signal(signum))
+stderr = child.stderr.read()
+status = child.wait()
+with open(os.path.join(out, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"status": status, "stderr": stderr}, f)
+"""
+
+
+def recorded_launch_command(out: Path, script: str | Path, *args: str, processes: int = 2) -> list[str]:
+    """`launch_command` of `script` through the recorder: read the ranks' endings with `recorded_endings`."""
+    recorder = Path(out) / "recorder.py"
+    recorder.write_text(RECORDER)
+    return launch_command(recorder, str(out), str(script), *args, processes=processes)
+
+
+def recorded_endings(out: Path, processes: int = 2) -> list[dict]:
+    """Every rank's {"status": exit status (negative: killed by that signal), "stderr": its text}."""
+    import json
+
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(processes)]

@@ -16,6 +16,7 @@ from shard_helpers import CLASSES, encode, folder_keys, read_tar
 from pretrain.task import CROP_SCALE
 from vitcore.data import ShardStream, eval_transform, open_image, read_index, train_transform
 from vitcore.data.shards import write_shards
+from vitcore.data.pipeline import BrokenData
 
 
 def _epoch(stream: ShardStream) -> list[dict]:
@@ -25,7 +26,7 @@ def _epoch(stream: ShardStream) -> list[dict]:
 def test_stream_gives_up_when_no_shard_is_readable(tmp_path: Path) -> None:
     (tmp_path / "bad.tar").write_bytes(b"garbage" * 200)
     stream = ShardStream(str(tmp_path / "bad.tar"), train_transform(8, CROP_SCALE), 2, num_workers=0, epoch_samples=10)
-    with pytest.raises(RuntimeError, match="shards in a row gave no sample"):
+    with pytest.raises(BrokenData, match="shards in a row gave no sample"):
         list(stream)
 
 
@@ -36,7 +37,7 @@ def test_stream_gives_up_when_every_sample_fails(make_shards, monkeypatch: pytes
     monkeypatch.setattr(pipeline_module, "FAILED_SAMPLES_IN_A_ROW", 20)  # 1000 in production
     stream = ShardStream(str(bad / "bad.tar"), train_transform(8, CROP_SCALE), 2, num_workers=0, epoch_samples=10,
                          labeled=False)
-    with pytest.raises(RuntimeError, match="20 samples in a row failed"):
+    with pytest.raises(BrokenData, match="20 samples in a row failed"):
         list(stream)
 
 

@@ -58,6 +58,10 @@ _Decoded = tuple[str, Tensor, int | None]  # (key, uint8 (3, H, W) image, label)
 _T = TypeVar("_T")
 
 
+class BrokenData(ValueError):
+    """The stream cannot go on: no shard gives a sample (they vanished), or every sample fails."""
+
+
 @dataclass
 class StreamStats:
     """Per-stream counters, reported with every batch so the main process always has exact totals."""
@@ -96,7 +100,7 @@ def _read_shards(ranges: Iterable[UrlRange], stats: StreamStats, barren_limit: i
                             url, produced, start, stop - 1)
         barren_in_a_row = 0 if produced else barren_in_a_row + 1
         if barren_in_a_row >= barren_limit:
-            raise RuntimeError(f"{barren_in_a_row} shards in a row gave no sample (last: {url})")
+            raise BrokenData(f"{barren_in_a_row} shards in a row gave no sample (last: {url})")
 
 
 def _shuffled(samples: Iterable[_T], bufsize: int, rng: random.Random, initial: int = 100) -> Iterator[_T]:
@@ -180,8 +184,12 @@ class RankStreamDataset(IterableDataset):
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(derive_seed(plan.seed, "samples")))
         samples = _drop_consumed(samples, plan.consumed, stats)
         batches = self._batched(self._decoded(samples, stats, derive_seed(plan.seed, "augment")))
-        for batch in islice(batches, plan.batches):
-            yield batch | stats.report()
+        try:
+            for batch in islice(batches, plan.batches):
+                yield batch | stats.report()
+        except BrokenData as e:  # as data: it leaves a DataLoader worker as its one line, not a traceback
+            yield {"error": str(e)} | stats.report()
+            return
         yield stats.report()  # end marker: counts the skips after the last batch
 
     def _decoded(self, samples: Iterator[Sample], stats: StreamStats, seed: int) -> Iterator[_Decoded]:
@@ -200,7 +208,7 @@ class RankStreamDataset(IterableDataset):
                 stats.skipped, failed_in_a_row = stats.skipped + 1, failed_in_a_row + 1
                 log.warning("skipping sample %s from %s: %r", sample.get("__key__"), sample.get("__url__"), exc)
                 if failed_in_a_row >= FAILED_SAMPLES_IN_A_ROW:
-                    raise RuntimeError(f"{failed_in_a_row} samples in a row failed (last: {sample.get('__key__')} "
+                    raise BrokenData(f"{failed_in_a_row} samples in a row failed (last: {sample.get('__key__')} "
                                        f"from {sample.get('__url__')}: {exc!r}); are these the right shards?") from None
                 continue
             failed_in_a_row = 0

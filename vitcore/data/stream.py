@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from vitcore.data.pipeline import Batch, RankStreamDataset, Transform
+from vitcore.data.pipeline import Batch, BrokenData, RankStreamDataset, Transform
 from vitcore.data.plan import (
     PlanBoard,
     ShardRange,
@@ -230,12 +230,20 @@ class ShardStream:
             stream = message.pop("stream")
             self._stream_consumed[stream] = message.pop("consumed")
             self._stream_skipped[stream] = message.pop("skipped")
+            if "error" in message:  # the workers' streams cannot go on (every shard gone, say)
+                raise BrokenData(message["error"])
             if "image" in message:
                 self._batches += 1
                 yield message
         self._loader_busy = False
         self._skipped_before, self._stream_skipped = self.skipped, [0] * self._num_streams
         self.epoch, self._batches, self._plans_start, self._stream_consumed = self.epoch + 1, 0, 0, None
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now, not at garbage collection (they are otherwise kept for the
+        next epoch); a later `iter()` starts new ones. Close a running iteration (its generator) first:
+        it holds the workers too."""
+        self._loader, self._board, self._loader_busy = None, None, False
 
     def state_dict(self) -> dict[str, Any]:
         """The stream position as plain ints (JSON- and weights_only-safe).

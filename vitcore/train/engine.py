@@ -36,8 +36,9 @@ from vitcore.eval.monitor import FeatureMonitor
 from vitcore.train.logger import RunLogger
 from vitcore.train.metrics import Window
 from vitcore.train.optim import lr_at, set_lr, skip_if_nonfinite
-from vitcore.train.preemption import PREEMPTED_EXIT, Preempted, StopSignals
-from vitcore.train.runstate import Progress, RunState, TrainingError
+from vitcore.train.ending import Ending
+from vitcore.train.preemption import Preempted, StopSignals
+from vitcore.train.runstate import Progress, RunState, TrainingError, last_intact
 from vitcore.train.task import Batch, Task
 
 # DDP, one process, or FSDP2 (Accelerate's fsdp_version 2; FSDP1 and DeepSpeed are refused): the
@@ -47,25 +48,16 @@ SUPPORTED = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULT
 
 def main(schema: type, make_task: Callable[[Any], Task], argv: list[str] | None = None,
          description: str | None = None) -> dict[str, Any]:
-    """Entry point of a stage: `run.py [--config PATH] [key=value ...]`; `description` heads --help."""
+    """Entry point of a stage: `run.py [--config PATH] [key=value ...]`; `description` heads --help.
+    Returns the summary; every other ending is a `RunExit` with its status (`vitcore.train.ending`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe; without it the stage's embedded default runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
     args = parser.parse_args(argv)
-    try:
+    with Ending() as end:
         cfg = load_config(schema, args.config, args.overrides)
-        task = make_task(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    try:
-        return Trainer(cfg, task).fit()
-    except ConfigError as e:  # found while building the model (init_from's architecture), before any step
-        raise SystemExit(f"config error: {e}") from None
-    except (TrainingError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(PREEMPTED_EXIT) from None
+        trainer = end.closing(Trainer(cfg, make_task(cfg)))
+        return trainer.fit()
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
@@ -119,6 +111,20 @@ class Trainer:
         self.best_metric, self.best_mode = best_metric(cfg.run, task, self.eval_stream is not None,
                                                        self.monitor is not None)
         self.state = RunState(cfg, task, accel, self.stream)
+        self._stream_batches: Iterator[Batch] | None = None  # the training batches, across epochs
+        self._logger: RunLogger | None = None
+
+    def close(self) -> None:
+        """Close the bar and TensorBoard, stop every stream's data workers, wait for the checkpoint
+        being written (raising its error); `vitcore.train.ending` then ends the process group."""
+        if self._logger is not None:
+            self._logger.close(None)  # after a finished run's close(summary): closes nothing twice
+        if self._stream_batches is not None:
+            self._stream_batches.close()  # drops the training stream's running iteration
+        for stream in (self.stream, self.eval_stream, *(self.monitor.streams if self.monitor else [])):
+            if stream is not None:
+                stream.close()
+        self.state.saver.wait()
 
     def fit(self) -> dict[str, Any]:
         """Train to run.steps, holding the run directory from before the first read to the end.
@@ -127,12 +133,15 @@ class Trainer:
         try:
             start = self.state.agree_on_start()
             if start.finished is not None:
-                self.accelerator.print(f"run.out_dir: {self.cfg.run.out_dir} is complete at step {start.step} "
-                                       f"(run.steps={self.cfg.run.steps}); its summary.json is kept. Raise "
-                                       "run.steps to train on")
+                run = self.cfg.run
+                self.accelerator.print(f"run.out_dir: {run.out_dir} is complete at step {start.step} (run.steps="
+                                       f"{run.steps}); its summary.json is kept. Raise run.steps to train on")
                 return start.finished
             with StopSignals(self.accelerator) as signals:
                 return self._fit(start.checkpoint, signals)
+        except KeyboardInterrupt as interrupt:
+            self.state.saver.wait()  # the checkpoint being written is complete before the line names the last
+            raise KeyboardInterrupt(f"{interrupt or 'Ctrl-C'}. {last_intact(self.state.ckpt_dir)}") from None
         finally:
             self.state.release(lock)
 
@@ -141,7 +150,8 @@ class Trainer:
         total = cfg.run.steps
         model, optimizer, progress = self.state.restore(Path(resume_from) if resume_from else None)
         self.model = model  # kept for callers that inspect the trained model
-        log = RunLogger(Path(cfg.run.out_dir), total, progress.step, accel.is_main_process, task.bar_keys)
+        log = self._logger = RunLogger(Path(cfg.run.out_dir), total, progress.step, accel.is_main_process,
+                                       task.bar_keys)
         for line in task.log_lines:
             log.message(line)
         if progress.step:
@@ -153,10 +163,9 @@ class Trainer:
         per_step = cfg.data.batch_size * cfg.optim.accum_steps
         flops = task.train_flops(accel.unwrap_model(model), (cfg.model.image_size,) * 2)
         window = Window(accel.device, progress.nonfinite_steps)
-        batches = self._batches()
+        batches = self._stream_batches = _device_batches(self.stream, accel.device)
         start_step, start_time = progress.step, time.perf_counter()
         evaluation: dict[str, Any] = {}
-
         model.train()
         while progress.step < total:
             lr, batch = self._train_step(model, optimizer, batches, window, progress.step)
@@ -179,8 +188,7 @@ class Trainer:
             if step % cfg.run.ckpt_every == 0 or last or is_best or stop:
                 progress.nonfinite_steps = int(window.nonfinite.item())
                 self.state.save(model, optimizer, progress, best=is_best)
-            if stop and not last:
-                self.state.saver.wait()
+            if stop and not last:  # release() waits for the checkpoint's write
                 log.close(None)
                 raise Preempted(f"{signal.Signals(signals.received or signal.SIGTERM).name}: saved a checkpoint at "
                                 f"step {step} of {total}; run the same command again to continue")
@@ -260,7 +268,7 @@ class Trainer:
             raise TrainingError(
                 f"{worst_streak} non-finite losses in a row by step {progress.step} (run.max_nonfinite="
                 f"{cfg.run.max_nonfinite}); try a lower optim.lr or mixed_precision=no. "
-                f"The last checkpoint is intact: {checkpoint.find_latest(self.state.ckpt_dir)}"
+                f"{last_intact(self.state.ckpt_dir)}"
             )
         window.reset()
 
@@ -272,7 +280,7 @@ class Trainer:
         first: dict[str, Any] = {}
         # the unwrapped module: a DDP forward on ranks with fewer batches would hang. Under FSDP2 it is
         # the sharded module itself: every rank evaluates, with as many forwards as the others
-        with eval_mode(accel.unwrap_model(model), model) as unwrapped:
+        with eval_mode(accel.unwrap_model(model), model) as unwrapped, _data_errors("eval.shards"):
             for prefix, weights in task.eval_models(unwrapped).items():
                 result = evaluate(accel, lambda batch, m=weights: task.eval_sums(m, batch), self.eval_stream,
                                   desc=f"eval {prefix.rstrip('_') or 'model'}")
@@ -307,11 +315,6 @@ class Trainer:
         for tag, image in images.items():
             log.image(step, tag, image)
 
-    def _batches(self) -> Iterator[Batch]:
-        """Batches on the device, epoch after epoch."""
-        while True:
-            for batch in self.stream:
-                yield to_device(batch, self.accelerator.device)
 
 
 def best_metric(run: Any, task: Task, evaluates: bool, monitors: bool) -> tuple[str | None, str]:
@@ -329,6 +332,14 @@ def best_metric(run: Any, task: Task, evaluates: bool, monitors: bool) -> tuple[
         raise ConfigError(f"run.best_metric: {metric} needs the monitor (monitor.train_shards)")
     direction = task.metrics.get(name.removeprefix("ema_"), "max") if section == "val" else "max"
     return metric, run.best_mode or direction
+
+
+def _device_batches(stream: ShardStream, device: torch.device) -> Iterator[Batch]:
+    """Batches on the device, epoch after epoch; a stream that cannot go on (its shards gone) as one line."""
+    with _data_errors("data.shards"):
+        while True:
+            for batch in stream:
+                yield to_device(batch, device)
 
 
 @contextmanager

@@ -2,10 +2,19 @@
 (decided by rank 0, checked by every rank), restoring model, optimizer, data position and progress
 from a checkpoint, and saving them (the way timm keeps `CheckpointSaver` apart from its training
 loop). `vitcore.checkpoint` holds the on-disk format; the engine calls `RunState`.
+
+Faults on disk end the run with one TrainingError line on every rank: a run directory it cannot
+write (before any step), a checkpoint write that fails (a full disk), a checkpoint to resume from
+that is damaged with none intact before it. A damaged newest checkpoint under run.resume=auto is
+set aside, and the run resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +23,7 @@ from typing import Any
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from safetensors import SafetensorError
 
 from vitcore import checkpoint, rundir, sharding
 from vitcore.config import save_config, to_dict
@@ -28,6 +38,27 @@ OPTIMIZER_BY_NAME = "by_name"
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+def last_intact(ckpt_dir: Path) -> str:
+    """The end of a line saying why the run stopped: where it can go on from."""
+    latest = checkpoint.find_latest(ckpt_dir)
+    return f"The last checkpoint is intact: {latest}" if latest is not None else "No checkpoint was written yet"
+
+
+class Saver(checkpoint.BackgroundSaver):
+    """The background checkpoint writer, whose failed write (a full disk) every `wait()` raises as
+    one TrainingError line, whoever waits (the save step, the run's end, its teardown)."""
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        super().__init__()
+        self.ckpt_dir = ckpt_dir
+
+    def wait(self) -> None:
+        try:
+            super().wait()
+        except checkpoint.CheckpointNotWritten as e:
+            raise TrainingError(f"{e}. {last_intact(self.ckpt_dir)}") from None
 
 
 @dataclass
@@ -59,7 +90,7 @@ class RunState:
         self.out_dir = Path(cfg.run.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.sharded = sharding.is_sharded(accelerator)
-        self.saver = checkpoint.BackgroundSaver()
+        self.saver = Saver(self.ckpt_dir)
 
     # -- where the run starts -------------------------------------------------------------------
 
@@ -69,7 +100,7 @@ class RunState:
         if self.accelerator.is_main_process:
             try:
                 lock = checkpoint.lock_run_dir(self.out_dir)
-            except checkpoint.RunDirInUse as e:
+            except (checkpoint.RunDirInUse, checkpoint.RunDirNotWritable) as e:
                 problem = [str(e)]
         broadcast_object_list(problem)
         if problem[0]:
@@ -91,7 +122,7 @@ class RunState:
         if accel.is_main_process:
             try:
                 decided = [self._decide_start()]
-            except TrainingError as e:
+            except (TrainingError, OSError, ValueError) as e:  # as one line on every rank: none waits on rank 0
                 decided = [str(e)]
         broadcast_object_list(decided)
         if isinstance(decided[0], str):
@@ -128,8 +159,29 @@ class RunState:
         if resume == "never":
             return None
         if resume == "auto":
-            return checkpoint.find_latest(self.ckpt_dir)
-        return checkpoint.resolve(resume)
+            return self._newest_intact()
+        chosen = checkpoint.resolve(resume)
+        try:
+            checkpoint.check_intact(chosen)
+        except checkpoint.DamagedCheckpoint as e:
+            raise TrainingError(f"run.resume: {e}") from None
+        return chosen
+
+    def _newest_intact(self) -> Path | None:
+        """run.resume=auto: the newest intact checkpoint. Newer, damaged ones (a file cut short or
+        missing) are set aside as `damaged-<name>`, with a warning, and `latest` is pointed at the
+        intact one: the run goes on unattended (a requeued job, say) losing at most run.ckpt_every
+        steps, and its later saves, pruning and resumes never meet the damaged ones. With no intact
+        checkpoint to fall back to, it refuses rather than start over."""
+        intact, damaged = checkpoint.find_intact(self.ckpt_dir)
+        if not damaged:
+            return intact
+        if intact is None:
+            raise TrainingError(f"cannot resume: {damaged[0]}, and no intact checkpoint precedes it. Move it away "
+                                "to start over, or use a new run.out_dir")
+        for problem, aside in zip(damaged, checkpoint.set_aside(damaged, intact)):
+            self.accelerator.print(f"warning: checkpoint {problem}; set aside as {aside.name}, resuming from {intact}")
+        return intact
 
     def _check_not_behind(self, resume_from: Path | None) -> None:
         """Refuse to start behind the run directory's newest checkpoint: its later checkpoints,
@@ -155,12 +207,15 @@ class RunState:
         optimizer = build_optimizer(model, cfg.optim)
         progress = Progress()
         if resume_from is not None:
-            model.load_state_dict(checkpoint.load_weights(resume_from))
+            with _loading(resume_from, checkpoint.WEIGHTS):
+                weights = checkpoint.load_weights(resume_from)
+            model.load_state_dict(weights)
         model, optimizer = accel.prepare(model, optimizer)
         if resume_from is not None:
             # mapped, not read, on the other ranks: they take rank 0's optimizer state through the
             # process group, and read only the small entries (data positions, progress)
-            state = checkpoint.load_train_state(resume_from, mmap=not accel.is_main_process)
+            with _loading(resume_from, checkpoint.STATE):
+                state = checkpoint.load_train_state(resume_from, mmap=not accel.is_main_process)
             if state.get("optimizer_format") == OPTIMIZER_BY_NAME:
                 sharding.load_optimizer_state(model, optimizer, state["optimizer"] if accel.is_main_process else None)
             elif self.sharded:
@@ -187,16 +242,11 @@ class RunState:
         optimizer_state = sharding.optimizer_state(model, optimizer)
         problem: list[str | None] = [None]
         if weights is not None:
-            try:
-                checkpoint.check_finite(weights)
-            except checkpoint.NonFiniteWeights as e:
-                problem = [str(e)]
-        broadcast_object_list(problem)  # rank 0 alone holds the weights: all ranks stop together
+            problem = [self._unsaveable(weights, progress)]
+        broadcast_object_list(problem)  # rank 0 alone holds the weights and writes: all ranks stop together
         if problem[0]:
-            raise TrainingError(f"step {progress.step}: the weights were not saved: {problem[0]}. The last "
-                                f"checkpoint is intact: {checkpoint.find_latest(self.ckpt_dir)}")
+            raise TrainingError(problem[0])
         data = gather_object([self.stream.state_dict()])  # every rank's position, in rank order
-        self.saver.wait()  # the previous write is complete (and its errors raised) before the next
         if accel.is_main_process:
             state = {"data": data, **{k: getattr(progress, k) for k in Progress.__dataclass_fields__}}
             if accel.scaler is not None:
@@ -208,6 +258,18 @@ class RunState:
                      "optimizer_format": OPTIMIZER_BY_NAME}
             self.saver.submit(self.ckpt_dir, progress.step, weights, state, self._meta(model, progress),
                               self.cfg.run.keep_last, best=best)
+
+    def _unsaveable(self, weights: dict[str, Any], progress: Progress) -> str | None:
+        """Rank 0: why this save cannot go ahead (the previous write failed, or the weights are not
+        finite), as the line every rank stops with; None: it can."""
+        try:
+            self.saver.wait()  # the previous write is complete, and its error known, before the next
+            checkpoint.check_finite(weights)
+        except TrainingError as e:
+            return str(e)
+        except checkpoint.NonFiniteWeights as e:
+            return f"step {progress.step}: the weights were not saved: {e}. {last_intact(self.ckpt_dir)}"
+        return None
 
     def _meta(self, model: nn.Module, progress: Progress) -> dict[str, Any]:
         """meta.json: the architecture, where the encoder sits in the weights, the task's own entries, the config."""
@@ -223,3 +285,18 @@ class RunState:
             "encoder_prefix": f"{prefix}." if prefix else "", "samples": progress.samples,
             **self.task.meta(), "config": to_dict(self.cfg),
         }
+
+
+@contextmanager
+def _loading(ckpt: Path, name: str) -> Iterator[None]:
+    """The checkpoint's file `name` failing to load, though whole by the checks at the start (corrupt
+    inside, say), as one TrainingError line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        # the first sentence: torch's next ones suggest weights_only=False, which would run the file's code
+        line = (str(e).strip().splitlines() or [""])[0]
+        first = re.split(r"(?<=\.)\s", line, maxsplit=1)[0].rstrip(".")
+        raise TrainingError(f"cannot resume from {ckpt}: its {name} does not load ({type(e).__name__}: {first}). "
+                            f"Set it aside (rename it {checkpoint.DAMAGED}{Path(ckpt).name}) to resume from the "
+                            "checkpoint before it") from None
