@@ -169,6 +169,7 @@ from finetune.config import FinetuneConfig
 from finetune.task import ClassifyTask
 from vitcore.config import load_config
 from vitcore.train.engine import Trainer
+from vitcore.train.ending import end_process_group
 
 cfg = load_config(FinetuneConfig, None, sys.argv[1:])
 trainer = Trainer(cfg, ClassifyTask(cfg))
@@ -178,6 +179,8 @@ for batch in stream:  # what this rank's evaluation reads, key by key
     seen += batch["key"]
 json.dump(seen, open(f"{cfg.run.out_dir}.rank{trainer.accelerator.process_index}.json", "w"))
 trainer.fit()
+trainer.close()
+end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
 """
 
 

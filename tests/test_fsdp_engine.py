@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 import vitcore.train.engine as engine
+from vitcore.train.ending import end_process_group
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
@@ -55,6 +56,8 @@ trainer = engine.Trainer(cfg, Task(cfg))
 summary = trainer.fit()
 rank = trainer.accelerator.process_index
 json.dump({"shapes": sorted(shapes), "summary": summary}, open(f"{sys.argv[1]}.rank{rank}.json", "w"))
+trainer.close()
+end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
 """
 
 
