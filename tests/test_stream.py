@@ -107,6 +107,21 @@ def test_exactly_once_mode_covers_each_sample_once(shard_dir: Path, image_folder
     assert sorted(keys) == sorted(folder_keys(image_folder))
 
 
+@pytest.mark.parametrize("world_size, num_workers", [(1, 2), (2, 2), (2, 0)])
+def test_a_training_epoch_is_a_permutation_over_every_rank(cifar_shards: Path, world_size: int,
+                                                           num_workers: int) -> None:
+    """As timm's sampler: each epoch every sample once in the world (256 = 2 ranks x 2 workers x 64),
+    in another order the next epoch; drawing shards with replacement left about a third out."""
+    epochs: list[list[str]] = [[], []]
+    for rank in range(world_size):
+        stream = ShardStream(str(cifar_shards), train_transform(8, CROP_SCALE), 8, rank=rank, world_size=world_size,
+                             num_workers=num_workers, shuffle_buffer=50)
+        for epoch in epochs:
+            epoch += [k for b in _epoch(stream) for k in b["key"]]
+    assert len(set(epochs[0])) == len(epochs[0]) == 256 and set(epochs[0]) == set(epochs[1])
+    assert epochs[0] != epochs[1]
+
+
 def test_stream_is_seeded_and_differs_per_epoch(shard_dir: Path) -> None:
     def run(seed: int) -> tuple[list[dict], list[dict]]:
         stream = ShardStream(str(shard_dir), train_transform(16, CROP_SCALE), 4, num_workers=2, seed=seed, shuffle_buffer=8)

@@ -27,7 +27,7 @@ import tarfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, TypeVar
 
 import torch
@@ -173,15 +173,13 @@ class RankStreamDataset(IterableDataset):
 
     def _stream_batches(self, stream: int, plan: StreamPlan) -> Iterator[dict[str, Any]]:
         stats = StreamStats(stream, consumed=plan.consumed)
-        ranges: Iterable[UrlRange]
-        if plan.ranges is None:
+        samples = self._shuffled_read(((self.urls[shard], start, stop) for shard, start, stop in plan.ranges or []),
+                                      stats, derive_seed(plan.seed, "samples"))
+        if plan.batches is not None:  # training: after its share of the epoch (if any), shards drawn with replacement
             draws = _resampled(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
-            ranges = ((url, 0, None) for url in draws)
-        else:
-            ranges = ((self.urls[shard], start, stop) for shard, start, stop in plan.ranges)
-        samples = _read_shards(ranges, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
-        if self.shuffle_buffer > 1:  # a buffer of one would keep the order: skip its RNG draws
-            samples = _shuffled(samples, self.shuffle_buffer, random.Random(derive_seed(plan.seed, "samples")))
+            # shuffled apart: mixed into the share's buffer, draws would crowd out the share's last samples
+            samples = chain(samples, self._shuffled_read(((url, 0, None) for url in draws), stats,
+                                                         derive_seed(plan.seed, "draws")))
         samples = _drop_consumed(samples, plan.consumed, stats)
         batches = self._batched(self._decoded(samples, stats, derive_seed(plan.seed, "augment")))
         try:
@@ -191,6 +189,12 @@ class RankStreamDataset(IterableDataset):
             yield {"error": str(e)} | stats.report()
             return
         yield stats.report()  # end marker: counts the skips after the last batch
+
+    def _shuffled_read(self, ranges: Iterable[UrlRange], stats: StreamStats, seed: int) -> Iterator[Sample]:
+        samples = _read_shards(ranges, stats, barren_limit=BARREN_SHARDS_PER_URL * len(self.urls))
+        if self.shuffle_buffer > 1:  # a buffer of one would keep the order: skip its RNG draws
+            samples = _shuffled(samples, self.shuffle_buffer, random.Random(seed))
+        return samples
 
     def _decoded(self, samples: Iterator[Sample], stats: StreamStats, seed: int) -> Iterator[_Decoded]:
         failed_in_a_row = 0

@@ -10,9 +10,16 @@ side that carries a plan out is `vitcore.data.pipeline`; `vitcore.data.stream` t
    streams, one per DataLoader worker (num_workers=0: one, in this process), each with its own plan
    [`StreamPlan`]: a seed derived from (seed, epoch, rank, stream) [`derive_seed`], what to read,
    and how many batches to deliver.
-   Training (`resampled=True`): each stream draws shards with replacement [`_resampled`], and every
-   rank gets total // (world_size * batch_size) batches, spread over its streams (the first ones
-   take one more when it does not divide) [`_part_size`]. Evaluation (`resampled=False`): the
+   Training (`resampled=True`): every rank gets total // (world_size * batch_size) batches, spread
+   over its streams (the first ones take one more when it does not divide) [`_part_size`]. With
+   index.json's sample counts, each epoch is a permutation, as timm's sampler makes it: the world's
+   streams divide the epoch's samples, in a new seeded shard order every epoch, into contiguous
+   runs of near-equal length (below), each read through the stream's shuffle buffer; a stream that
+   runs short of its batches (skipped samples, rounding) tops up with shards drawn with replacement
+   [`_resampled`], and so does every stream of a stream without sample counts (`pipe:` URLs) or of
+   the rest of an epoch resumed on another layout. Drawing every shard with replacement instead
+   left about a third of the images out of each epoch on Imagenette's 10 shards and cost 3 points of
+   top-1 against timm's loop (docs/benchmarks.md, peer parity). Evaluation (`resampled=False`): the
    world's streams divide the epoch into sample ranges, every sample exactly once (see below)
    [`_exactly_once_ranges`]. The main process posts the plans on a shared board [`PlanBoard`].
 
@@ -105,7 +112,7 @@ class StreamPlan:
     """What one stream (one DataLoader worker's, or the in-process one) delivers this epoch."""
 
     seed: int  # seeds shard draws, sample shuffling and per-sample augmentation
-    ranges: list[ShardRange] | None  # to read in order; None = shards resampled with replacement
+    ranges: list[ShardRange] | None  # to read in order (training: then shards drawn with replacement)
     consumed: int  # post-shuffle samples consumed before a resume: dropped undecoded
     batches: int | None  # batches to deliver; None = until the ranges run out
 
@@ -156,17 +163,19 @@ def _resampled(urls: list[str], sizes: list[int] | None, rng: random.Random) -> 
         yield from rng.choices(urls, weights=sizes, k=64)
 
 
-def _exactly_once_ranges(sizes: list[int], order: list[int], parts: int) -> list[list[ShardRange]]:
+def _exactly_once_ranges(sizes: list[int], order: list[int], parts: int,
+                         whole_shards: bool = True) -> list[list[ShardRange]]:
     """Every sample once, divided among `parts` streams as (shard, start, stop) ranges per stream.
 
-    Whole shards when there are at least as many non-empty shards as streams (largest first, each
-    to the stream with the fewest samples so far); otherwise the shards, concatenated in `order`,
-    cut into `parts` contiguous runs of near-equal length. Depends only on its arguments, so that
-    every rank computes the same division without talking to the others.
+    Whole shards when `whole_shards` and there are at least as many non-empty shards as streams
+    (largest first, each to the stream with the fewest samples so far); otherwise the shards,
+    concatenated in `order`, cut into `parts` contiguous runs of near-equal length (what training
+    wants: equal shares for equal batch counts). Depends only on its arguments, so that every rank
+    computes the same division without talking to the others.
     """
     nonempty = [i for i in order if sizes[i] > 0]
     ranges: list[list[ShardRange]] = [[] for _ in range(parts)]
-    if len(nonempty) >= parts:
+    if whole_shards and len(nonempty) >= parts:
         loads = [(0, p) for p in range(parts)]  # a heap of (samples so far, stream)
         for i in sorted(nonempty, key=lambda i: -sizes[i]):  # stable: ties keep the epoch's order
             load, p = heapq.heappop(loads)

@@ -164,17 +164,18 @@ class ShardStream:
         return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
 
     def _epoch_shard_order(self) -> list[int]:
-        """Exactly-once mode: all shard indices in this epoch's order, identical on every rank."""
+        """All shard indices in this epoch's order, identical on every rank."""
         order = list(range(len(self.urls)))
         random.Random(derive_seed(self.seed, self.epoch, "shard-order")).shuffle(order)
         return order
 
     def _rank_ranges(self) -> list[list[ShardRange]]:
-        """Exactly-once mode: the (shard, start, stop) ranges of each of this rank's streams this epoch."""
+        """The (shard, start, stop) ranges of each of this rank's streams this epoch: every sample once
+        in the world (training streams read theirs first, then top up with draws)."""
         key = (self.seed, self.epoch)
         if self._division_key != key:  # the division of the whole world, the same on every rank
             self._division = _exactly_once_ranges(self._shard_samples, self._epoch_shard_order(),
-                                                  self.world_size * self._num_streams)
+                                                  self.world_size * self._num_streams, whole_shards=not self.resampled)
             self._division_key = key
         # Streams are numbered worker-major, so that small epochs spread over the ranks first.
         return [self._division[s * self.world_size + self.rank] for s in range(self._num_streams)]
@@ -186,13 +187,15 @@ class ShardStream:
         consumed = self._stream_consumed or [_part_size(delivered, streams, s) * self.batch_size
                                              for s in range(streams)]
         plans_batches = len(self) - self._plans_start  # batches the current plans deliver in all
-        rank_ranges = self._rank_ranges() if not self.resampled else []
+        # a permutation of the epoch when the sample counts are known and the plans start it; else draws
+        permuted = self._shard_samples is not None and self._plans_start == 0
+        rank_ranges = self._rank_ranges() if permuted or not self.resampled else []
         plans = []
         for s in range(streams):
             seed = derive_seed(self.seed, self.epoch, self.rank, s, self._plans_start)
             if self.resampled:
                 batches = _part_size(plans_batches, streams, s) - _part_size(delivered, streams, s)
-                plans.append(StreamPlan(seed, None, consumed[s], batches))
+                plans.append(StreamPlan(seed, rank_ranges[s] if permuted else None, consumed[s], batches))
             else:
                 plans.append(StreamPlan(seed, rank_ranges[s], consumed[s], None))
         return plans
@@ -200,7 +203,7 @@ class ShardStream:
     def _new_loader(self) -> tuple[DataLoader, PlanBoard]:
         """A DataLoader over this rank's streams, with the board its workers read their plans from."""
         # Exactly-once ranges: at most one per shard, plus one per cut between two streams.
-        max_ranges = 0 if self.resampled else len(self.urls) + self.world_size * self._num_streams
+        max_ranges = len(self.urls) + self.world_size * self._num_streams
         board = PlanBoard(self._num_streams, max_ranges)
         dataset = RankStreamDataset(board, self.urls, self._shard_samples, self.transform, self.batch_size,
                                     self.labeled, self.shuffle_buffer, self.drop_last)
