@@ -1,6 +1,6 @@
 """Supervised fine-tuning as an engine task: a ViT classifier at the fine-tuning resolution,
 initialised from a pretrained encoder (position embeddings resampled once, at load), with a
-zero-initialised linear head, full fine-tuning or a linear probe, label smoothing, MixUp/CutMix,
+fresh linear head (timm's init), full fine-tuning or a linear probe, label smoothing, MixUp/CutMix,
 RandAugment and an EMA of the weights evaluated beside them.
 """
 

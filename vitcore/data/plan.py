@@ -18,8 +18,8 @@ side that carries a plan out is `vitcore.data.pipeline`; `vitcore.data.stream` t
    runs short of its batches (skipped samples, rounding) tops up with shards drawn with replacement
    [`_resampled`], and so does every stream of a stream without sample counts (`pipe:` URLs) or of
    the rest of an epoch resumed on another layout. Drawing every shard with replacement instead
-   left about a third of the images out of each epoch on Imagenette's 10 shards and cost 3 points of
-   top-1 against timm's loop (docs/benchmarks.md, peer parity). Evaluation (`resampled=False`): the
+   (this code's way until issue 22) left about a third of the images out of each epoch on
+   Imagenette's 10 shards; its cost in top-1 was within noise at 500 steps (docs/benchmarks.md). Evaluation (`resampled=False`): the
    world's streams divide the epoch into sample ranges, every sample exactly once (see below)
    [`_exactly_once_ranges`]. The main process posts the plans on a shared board [`PlanBoard`].
 

@@ -27,7 +27,7 @@ from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
 from vitcore.model.vit import WIDTHS, ViT, ViTConfig
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
-OPTIONAL = ("head.weight", "head.bias")  # the target's classifier: kept as built (zero-initialised)
+OPTIONAL = ("head.weight", "head.bias")  # the target's classifier: kept as built (freshly initialised)
 
 
 @dataclass

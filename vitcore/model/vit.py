@@ -45,7 +45,7 @@ class ViTConfig:
     patch_size: int
     image_size: tuple[int, int] = (224, 224)  # the grid the position embeddings are stored for
     mlp_ratio: int = 4
-    num_classes: int = 0  # 0: no classification head (pretraining); >0: a zero-initialised linear head
+    num_classes: int = 0  # 0: no classification head (pretraining); >0: a linear head
     pool: str = "cls"  # what the head reads: "cls" (the paper) or "avg" (mean of the final patch tokens)
     dropout: float = 0.0
     attn_dropout: float = 0.0
@@ -173,12 +173,13 @@ class ViT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """timm's ViT initialisation: position embeddings and linear weights from truncated
-        normal(0.02), zero biases, the [CLS] token from normal(1e-6), and the patch-embedding conv
-        and the norms at PyTorch's defaults (the conv: kaiming-uniform, std 1/sqrt(3 * fan_in), about
-        0.04 for 8x8 RGB patches, twice 0.02). Drawing that conv from normal(0.02) too, as this code
-        once did, cost 7 points of top-1 from scratch at the experiment's 1,550 steps (docs/benchmarks.md,
-        peer parity)."""
+        """timm's ViT initialisation: position embeddings and linear weights (the head's too) from
+        truncated normal(0.02), zero biases, the [CLS] token from normal(1e-6), and the patch-embedding
+        conv and the norms at PyTorch's defaults (the conv: kaiming-uniform, std 1/sqrt(3 * fan_in),
+        about 0.04 for 8x8 RGB patches). This code once zero-initialised the head (the paper's
+        fine-tuning) and drew the conv from normal(0.02): from scratch, the zero head alone cost 8
+        points of top-1 at 500 steps (a zero head passes the encoder no gradient until it grows),
+        the conv about 2 (docs/benchmarks.md, peer parity)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -188,8 +189,6 @@ class ViT(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.Conv2d, nn.LayerNorm)):
                 m.reset_parameters()
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)  # as the paper's fine-tuning: a zero-initialised head
 
     def embed_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """(B, 3, H, W) normalised images -> (B, N, D) patch embeddings, before positions are added.
