@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +66,13 @@ def recorded_endings(out: Path, processes: int = 2) -> list[dict]:
     import json
 
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def signal_when_training(proc: subprocess.Popen, metrics: Path, rows: int, signum: signal.Signals) -> None:
+    """Send `proc` `signum` once `metrics` (a run's metrics.jsonl) holds `rows` logged steps: training
+    is under way then, its handlers installed. Generous deadline: start-up alone is slow on a loaded machine."""
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+    proc.send_signal(signum)

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from vitcore.train.engine import Trainer
 from vitcore.train.ending import CONFIG_ERROR, FAILED, INTERRUPTED
 from vitcore.train.preemption import PREEMPTED_EXIT
 
-from launching import CPU_ENV, ROOT, recorded_endings, recorded_launch_command
+from launching import CPU_ENV, ROOT, recorded_endings, recorded_launch_command, signal_when_training
 
 PROBE = """
 import json, os, signal, sys
@@ -73,12 +72,7 @@ def run_two(tmp_path, mode, args, interrupt_after_steps=None):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if interrupt_after_steps is not None:
-            metrics = tmp_path / "run" / "metrics.jsonl"
-            deadline = time.monotonic() + 240
-            while not (metrics.exists() and len(metrics.read_text().splitlines()) >= interrupt_after_steps):
-                assert proc.poll() is None and time.monotonic() < deadline, "training never started"
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
+            signal_when_training(proc, tmp_path / "run" / "metrics.jsonl", interrupt_after_steps, signal.SIGINT)
         _, launcher = proc.communicate(timeout=240)
     finally:
         proc.kill()

@@ -2,12 +2,10 @@
 2-process endings (a signal on one rank, ranks whose views of the run directory disagree) are in
 tests/test_endings.py."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from vitcore.config import load_config
 from vitcore.train.engine import Trainer
 from vitcore.train.preemption import PREEMPTED_EXIT, Preempted
 
-from launching import ROOT
+from launching import ROOT, signal_when_training
 
 
 def overrides(shards, out, steps, *extra):
@@ -65,14 +63,8 @@ def test_run_py_exits_with_the_requeue_code_on_sigterm(cifar_shards, tmp_path):
     cmd = [sys.executable, "pretrain/run.py", *overrides(cifar_shards, out, 500)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300  # generous: start-up alone takes long on a loaded machine
     try:
-        # wait for training to be under way (two logged steps): before that no handler is installed
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        signal_when_training(proc, out / "metrics.jsonl", 2, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
