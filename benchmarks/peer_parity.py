@@ -13,7 +13,7 @@ reference from an image folder written from them once.
     python benchmarks/peer_parity.py --shards data/imagenette-112 --pretrained runs/experiment/pretrain \
         [--arms scratch pretrained] [--steps-scratch 1550] [--steps-pretrained 1000] [--seeds 0 1] [--docs]
 
-Prints a table and writes benchmarks/results/peer_parity.json (and docs/peer-parity.json with --docs).
+Prints a table and writes benchmarks/results/peer_parity.json (--out; and docs/peer-parity.json with --docs).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--loops", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "peer_parity")
+    parser.add_argument("--out", type=Path, default=OUT / "peer_parity.json")
     parser.add_argument("--docs", action="store_true", help="also write docs/peer-parity.json")
     args = parser.parse_args()
     folders = {split: image_folder(args.shards / split, args.work / "images" / split) for split in ("train", "val")}
@@ -164,8 +165,8 @@ def main() -> None:
         if {"ours", "reference"} <= loops.keys():
             print(f"| {arm} | ours - reference | | {100 * (loops['ours']['top1'] - loops['reference']['top1']):+.1f} | | "
                   f"{100 * (loops['ours']['train_loss'] / loops['reference']['train_loss'] - 1):+.1f}% |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "peer_parity.json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.docs:
         (ROOT / "docs" / "peer-parity.json").write_text(json.dumps(results, indent=2) + "\n")
 
