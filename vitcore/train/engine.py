@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from vitcore import checkpoint, sharding
 from vitcore.config import ConfigError, load_config
 from vitcore.data import ShardStream
+from vitcore.data.pipeline import BrokenData
 from vitcore.data.classes import check_same_classes
 from vitcore.data.plan import derive_seed
 from vitcore.eval.loop import coverage_problem, eval_mode, evaluate, to_device
@@ -280,7 +281,7 @@ class Trainer:
         first: dict[str, Any] = {}
         # the unwrapped module: a DDP forward on ranks with fewer batches would hang. Under FSDP2 it is
         # the sharded module itself: every rank evaluates, with as many forwards as the others
-        with eval_mode(accel.unwrap_model(model), model) as unwrapped, _data_errors("eval.shards"):
+        with eval_mode(accel.unwrap_model(model), model) as unwrapped, _data_errors("eval.shards", BrokenData):
             for prefix, weights in task.eval_models(unwrapped).items():
                 result = evaluate(accel, lambda batch, m=weights: task.eval_sums(m, batch), self.eval_stream,
                                   desc=f"eval {prefix.rstrip('_') or 'model'}")
@@ -316,7 +317,6 @@ class Trainer:
             log.image(step, tag, image)
 
 
-
 def best_metric(run: Any, task: Task, evaluates: bool, monitors: bool) -> tuple[str | None, str]:
     """The metric that picks checkpoints/best and its better direction: run.best_metric (run.best_mode,
     or the task's direction), else the task's own metric when the run evaluates. A metric the run
@@ -336,21 +336,22 @@ def best_metric(run: Any, task: Task, evaluates: bool, monitors: bool) -> tuple[
 
 def _device_batches(stream: ShardStream, device: torch.device) -> Iterator[Batch]:
     """Batches on the device, epoch after epoch; a stream that cannot go on (its shards gone) as one line."""
-    with _data_errors("data.shards"):
+    with _data_errors("data.shards", only=BrokenData):
         while True:
             for batch in stream:
                 yield to_device(batch, device)
 
 
 @contextmanager
-def _data_errors(key: str | None) -> Iterator[None]:
-    """A stream's FileNotFoundError / ValueError as one TrainingError line naming `key`."""
+def _data_errors(key: str | None, only: type[ValueError] = ValueError) -> Iterator[None]:
+    """A stream's FileNotFoundError / ValueError as one TrainingError line naming `key`. Around a
+    stream's iteration, `only=BrokenData`: a ValueError of the model's code keeps its traceback."""
     try:
         yield
     except FileNotFoundError as error:
         hint = " (write shards with `python -m vitcore.data.shards`, or `make demo` for the default Imagenette ones)"
         raise TrainingError(f"{key + ': ' if key else ''}{error}{hint}") from None
-    except ValueError as error:
+    except only as error:
         raise TrainingError(f"{key + ': ' if key else ''}{error}") from None
 
 
