@@ -92,7 +92,8 @@ def test_init_follows_timm():
         if t.numel() >= 1000:  # enough draws for the spread to say which distribution
             assert abs(o.std().item() / t.std().item() - 1) < 0.1, name
         else:
-            assert (o.std().item() < 1e-5) == (t.std().item() < 1e-5) and torch.equal(o.mean().abs() < 1e-3, t.mean().abs() < 1e-3), name
+            assert (o.std().item() < 1e-5) == (t.std().item() < 1e-5), name  # zeros, ones, near-zero [CLS]
+            assert (o.mean().abs().item() < 1e-3) == (t.mean().abs().item() < 1e-3), name
     assert ours["head.weight"].std().item() > 0.015  # not zero: a zero head passes the encoder no gradient
 
 

@@ -16,12 +16,13 @@ side that carries a plan out is `vitcore.data.pipeline`; `vitcore.data.stream` t
    streams divide the epoch's samples, in a new seeded shard order every epoch, into contiguous
    runs of near-equal length (below), each read through the stream's shuffle buffer; a stream that
    runs short of its batches (skipped samples, rounding) tops up with shards drawn with replacement
-   [`_resampled`], and so does every stream of a stream without sample counts (`pipe:` URLs) or of
-   the rest of an epoch resumed on another layout. Drawing every shard with replacement instead
-   (this code's way until issue 22) left about a third of the images out of each epoch on
-   Imagenette's 10 shards; its cost in top-1 was within noise at 500 steps (docs/benchmarks.md). Evaluation (`resampled=False`): the
-   world's streams divide the epoch into sample ranges, every sample exactly once (see below)
-   [`_exactly_once_ranges`]. The main process posts the plans on a shared board [`PlanBoard`].
+   [`_resampled`], and draws alone feed shards without sample counts (`pipe:` URLs) and the rest of
+   an epoch resumed on another layout. Drawing every shard with replacement (this code's way until
+   issue 22) left about a third of the images out of each epoch on Imagenette's 10 shards; its cost
+   in top-1 was within noise at 500 steps (docs/benchmarks.md).
+   Evaluation (`resampled=False`): the world's streams divide the epoch into sample ranges, every
+   sample exactly once (see below) [`_exactly_once_ranges`]. The main process posts the plans on a
+   shared board [`PlanBoard`].
 
 Exactly-once (evaluation) streams divide the epoch into sample ranges `(shard, start, stop)`,
 computed from index.json's per-shard sample counts, the seed and the epoch only, so that every
