@@ -26,7 +26,7 @@ from vitcore.eval.metrics import classification_metrics, classification_sums
 from vitcore.model.pos_embed import grid_size
 from vitcore.model.pretrained import load_model
 from vitcore.model.vit import ViT
-from vitcore.train.ending import Ending
+from vitcore.train.ending import Ending, run_process
 
 
 def load_classifier(path: str | Path, image_size: tuple[int, int] | None = None,
@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_process(main)

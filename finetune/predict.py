@@ -37,7 +37,7 @@ from finetune.evaluate import load_classifier
 from vitcore.data.sources import is_image_name
 from vitcore.data.transforms import DECODE_ERRORS, ResizeCenterCrop, eval_transform, normalize, open_image
 from vitcore.model.vit import ViT
-from vitcore.train.ending import Ending
+from vitcore.train.ending import Ending, run_process
 
 Item = tuple[int, Tensor | None, str | None]  # (input position, uint8 (3, H, W) image or None, error or None)
 
@@ -152,4 +152,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_process(main)

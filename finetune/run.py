@@ -10,7 +10,8 @@ freezes the encoder.
 
 from finetune.config import FinetuneConfig
 from finetune.task import ClassifyTask
+from vitcore.train.ending import run_process
 from vitcore.train.engine import main
 
 if __name__ == "__main__":
-    main(FinetuneConfig, ClassifyTask, description=__doc__)
+    run_process(lambda: main(FinetuneConfig, ClassifyTask, description=__doc__))

@@ -8,7 +8,8 @@ on Imagenette shards, sized for a 2-core CPU.
 
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
+from vitcore.train.ending import run_process
 from vitcore.train.engine import main
 
 if __name__ == "__main__":
-    main(PretrainConfig, MPPTask, description=__doc__)
+    run_process(lambda: main(PretrainConfig, MPPTask, description=__doc__))

@@ -19,7 +19,7 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
 from vitcore.train.engine import Trainer
-from vitcore.train.ending import end_process_group
+from vitcore.train.ending import end_process_group, exit_now
 
 cfg = load_config(PretrainConfig, None, sys.argv[1:])
 trainer = Trainer(cfg, MPPTask(cfg))
@@ -28,7 +28,8 @@ rank = trainer.accelerator.process_index
 model = trainer.accelerator.unwrap_model(trainer.model)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{cfg.run.out_dir}/../rank{rank}.safetensors")
 trainer.close()
-end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
+end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)
+exit_now()
 """
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore import checkpoint
+from vitcore.train.ending import run_process
 from vitcore.train.engine import main
 
 mode, out = sys.argv[1], Path(sys.argv[2])
@@ -48,10 +49,14 @@ class Task(MPPTask):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-try:
-    main(PretrainConfig, Task, sys.argv[3:])
-finally:
-    (out / f"loaded{rank}.json").write_text(json.dumps(loaded))
+def run():
+    try:
+        main(PretrainConfig, Task, sys.argv[3:])
+    finally:
+        (out / f"loaded{rank}.json").write_text(json.dumps(loaded))
+
+
+run_process(run)  # as pretrain/run.py leaves
 """
 
 

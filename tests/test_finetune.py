@@ -169,7 +169,7 @@ from finetune.config import FinetuneConfig
 from finetune.task import ClassifyTask
 from vitcore.config import load_config
 from vitcore.train.engine import Trainer
-from vitcore.train.ending import end_process_group
+from vitcore.train.ending import end_process_group, exit_now
 
 cfg = load_config(FinetuneConfig, None, sys.argv[1:])
 trainer = Trainer(cfg, ClassifyTask(cfg))
@@ -180,7 +180,8 @@ for batch in stream:  # what this rank's evaluation reads, key by key
 json.dump(seen, open(f"{cfg.run.out_dir}.rank{trainer.accelerator.process_index}.json", "w"))
 trainer.fit()
 trainer.close()
-end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
+end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)
+exit_now()
 """
 
 

@@ -22,7 +22,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
 from vitcore import checkpoint, sharding
 from vitcore.config import OptimConfig
-from vitcore.train.ending import end_process_group
+from vitcore.train.ending import end_process_group, exit_now
 from vitcore.train.optim import build_optimizer, set_lr, skip_if_nonfinite
 from vitcore.model.vit import ViT, ViTConfig
 
@@ -90,7 +90,8 @@ if rank == 0:
                "steps": sorted({float(s["step"]) for s in state["state"].values()}),
                "before_prepare": max_diff(reference, before_prepare), "after_prepare": max_diff(reference, after_prepare),
                "fresh": max_diff(reference, fresh)}, open(f"{out}/result.json", "w"))
-end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
+end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)
+exit_now()
 """
 
 

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 import vitcore.train.engine as engine
-from vitcore.train.ending import end_process_group
+from vitcore.train.ending import end_process_group, exit_now
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
@@ -57,7 +57,8 @@ summary = trainer.fit()
 rank = trainer.accelerator.process_index
 json.dump({"shapes": sorted(shapes), "summary": summary}, open(f"{sys.argv[1]}.rank{rank}.json", "w"))
 trainer.close()
-end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
+end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)
+exit_now()
 """
 
 

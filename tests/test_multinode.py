@@ -29,7 +29,7 @@ from vitcore import checkpoint
 from vitcore.config import load_config
 from vitcore.data import ShardStream
 from vitcore.train.engine import Trainer
-from vitcore.train.ending import end_process_group
+from vitcore.train.ending import end_process_group, exit_now
 
 keys, saves = {}, []
 iterate, save = ShardStream.__iter__, checkpoint.save_checkpoint
@@ -54,7 +54,8 @@ save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{probe}.
 Path(f"{probe}.json").write_text(json.dumps({"train": keys.get(id(trainer.stream), []),
                                              "eval": keys.get(id(trainer.eval_stream), []), "saves": saves}))
 trainer.close()
-end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
+end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)
+exit_now()
 """
 
 

@@ -168,7 +168,7 @@ from vitcore.data import ShardStream
 from vitcore.data.transforms import eval_transform
 from vitcore.eval.probes import extract_features
 from vitcore.model.vit import ViT, ViTConfig
-from vitcore.train.ending import end_process_group
+from vitcore.train.ending import end_process_group, exit_now
 
 accel = Accelerator()
 torch.manual_seed(0)
@@ -178,7 +178,8 @@ stream = ShardStream.exactly_once(sys.argv[1], eval_transform(32), 24, rank=acce
 f = extract_features(accel, vit, stream)
 torch.save({"keys": f.keys, "cls": f.features["cls"], "labels": f.labels, "expected": f.expected,
             "skipped": f.skipped}, f"{sys.argv[2]}/rank{accel.process_index}.pt")
-end_process_group()  # in order, while the interpreter is whole (vitcore.train.ending)
+end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)
+exit_now()
 """
 
 
