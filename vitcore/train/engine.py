@@ -186,8 +186,6 @@ class Trainer:
                 scores.update({f"val/{k}": v for k, v in evaluation.items()})
             is_best = self._improves(scores, progress)
             stop = signals.agreed()  # every rank stops at the same step, whichever got the signal
-            if stop == signal.SIGINT:
-                raise KeyboardInterrupt("Ctrl-C (SIGINT)")
             if step % cfg.run.ckpt_every == 0 or last or is_best or stop:
                 progress.nonfinite_steps = int(window.nonfinite.item())
                 self.state.save(model, optimizer, progress, best=is_best)

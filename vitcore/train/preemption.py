@@ -24,12 +24,12 @@ class Preempted(Exception):
 class StopSignals:
     """SIGTERM and SIGUSR1 (SLURM's warning before a time limit, with `--signal`) ask the run to
     checkpoint and stop at the next step boundary. Repeats change nothing (a scheduler may signal
-    every process of the job and relay the signal too); SIGKILL stops at once, and the last
+    every process of the job and relay the signal too); SIGKILL or Ctrl-C stop at once, and the last
     complete checkpoint is intact then. Ranks may receive the signal at different steps, so they
     agree through an all-reduce each step: on the CPU over gloo, so it never waits on the GPU,
     started after one step and read after the next, so its latency hides behind a step's work."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, accelerator: Accelerator) -> None:
         self.received = 0  # the first signal's number
@@ -53,25 +53,18 @@ class StopSignals:
             self.pending[0].wait()
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self.pid:
-            return
-        if signum == signal.SIGINT and self.received == signal.SIGINT:  # a second Ctrl-C: at once
-            raise KeyboardInterrupt("Ctrl-C (SIGINT), twice")
-        if not self.received:
+        if os.getpid() == self.pid and not self.received:
             self.received = signum  # nothing else here: printing could re-enter a stream being written
 
-    def agreed(self) -> int:
-        """The signal every rank stops on now (0: none): one rank's signal stops all, one step after it
-        arrived; SIGTERM or SIGUSR1 before SIGINT (a checkpoint first). Ctrl-C (SIGINT) is taken here,
-        at a step boundary on every rank, rather than wherever it lands (inside a DataLoader's
-        receive, a worker's fd transfer breaks off with a traceback); a second Ctrl-C acts at once."""
+    def agreed(self) -> bool:
+        """Whether every rank stops now: one rank's signal stops all, one step after it arrived."""
         if not self.distributed:
-            return self.received
-        stop = 0
+            return bool(self.received)
+        stop = False
         if self.pending is not None:
             work, flag = self.pending
             work.wait()
-            stop = int(flag.item())
+            stop = bool(flag.item())
         flag = torch.tensor([self.received], dtype=torch.int32)
         self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return stop
