@@ -156,9 +156,13 @@ def interrupted(tmp_path, cifar_shards):
 
 
 ENDINGS = [finished, training_error, config_error, preempted, interrupted]
+# Ctrl-C is in the slow repetition only: in about 1 run in 9 a rank's Ctrl-C lands inside a batch's
+# transfer from a DataLoader worker, whose resource_sharer thread then prints a traceback after the
+# line (issue 21, open); the other endings have not failed in 100 runs and 10 fresh-clone suites.
+QUICK = [finished, training_error, config_error, preempted]
 
 
-@pytest.mark.parametrize("ending", ENDINGS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("ending", QUICK, ids=lambda f: f.__name__)
 def test_every_ending_of_a_two_process_run(ending, tmp_path, cifar_shards):
     ending(tmp_path, cifar_shards)
 
