@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from vitcore import interrupts
 from vitcore.data.pipeline import Batch, BrokenData, RankStreamDataset, Transform
 from vitcore.data.plan import (
     PlanBoard,
@@ -229,7 +230,12 @@ class ShardStream:
         self._loader_busy = True
         with _gc_frozen_for_fork():
             messages = iter(self._loader)  # forks the workers on a new loader's first iteration
-        for message in messages:  # a batch with its stream's counters, or the counters alone
+        while True:
+            with interrupts.held():  # a Ctrl-C waits for the transfer (vitcore.interrupts)
+                message = next(messages, None)
+            if message is None:
+                break
+            # a batch with its stream's counters, or the counters alone
             stream = message.pop("stream")
             self._stream_consumed[stream] = message.pop("consumed")
             self._stream_skipped[stream] = message.pop("skipped")

@@ -26,6 +26,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 import torch.distributed as dist
 
+from vitcore import interrupts
 from vitcore.config import ConfigError
 from vitcore.train.preemption import PREEMPTED_EXIT, Preempted
 from vitcore.train.runstate import TrainingError
@@ -95,8 +96,9 @@ def end_process_group() -> None:
 class Ending:
     """`with Ending() as end:` around a process's whole run. `end.closing(obj)` registers
     `obj.close()` to run on the way out, newest first, before the process group is destroyed.
-    A first SIGINT raises KeyboardInterrupt; later ones, and any during the teardown, are noted
-    and ignored, so that a second Ctrl-C cannot break the teardown half-way."""
+    A first SIGINT raises KeyboardInterrupt (after the batch transfer it lands in: see
+    `vitcore.interrupts`); later ones, and any during the teardown, are noted and ignored, so that a
+    second Ctrl-C cannot break the teardown half-way."""
 
     def __init__(self) -> None:
         self.closers: list[Callable[[], None]] = []
@@ -115,7 +117,9 @@ class Ending:
 
     def _interrupt(self, signum: int, frame: Any) -> None:
         first, self.interrupted = not self.interrupted, True
-        if first and self.raising:
+        if not self.raising or first and interrupts.hold(KeyboardInterrupt("Ctrl-C (SIGINT)")):
+            return  # tearing down already, or held until a batch's transfer is complete
+        if first or interrupts.holding():  # a second Ctrl-C does not wait for a held first one
             raise KeyboardInterrupt("Ctrl-C (SIGINT)")
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
