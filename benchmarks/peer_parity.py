@@ -14,6 +14,8 @@ reference from an image folder written from them once.
         [--arms scratch pretrained] [--steps-scratch 1550] [--steps-pretrained 1000] [--seeds 0 1] [--docs]
 
 Prints a table and writes benchmarks/results/peer_parity.json (--out; and docs/peer-parity.json with --docs).
+Each run's result, with the commit it ran at, is kept in its folder under --work and reused by a
+later call with the same steps: seeds and arms can be added one call at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,6 +123,14 @@ def ours(recipe: Path, shards: Path, steps: int, seed: int, init: Path | None, o
             "count": summary["eval"]["count"], "seconds": summary["wall_time_s"]}
 
 
+def commit() -> str:
+    """The code's commit (with `+dirty` when the tree has changes): a number belongs to the code it ran."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else "unknown"
+
+
 def aggregate(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     runs = list(per_seed.values())
     return {"top1": round(statistics.fmean(r["top1"] for r in runs), 4),
@@ -153,8 +164,16 @@ def main() -> None:
             per_seed = {}
             for seed in args.seeds:
                 work = args.work / arm / f"{loop}-s{seed}"
-                per_seed[str(seed)] = (ours(recipe, args.shards, steps, seed, init, work) if loop == "ours" else
-                                       reference(cfg, folders["train"], folders["val"], steps, seed, init, work))
+                done = work / "result.json"  # a run's result is kept: delete it (or --work) to run it again
+                kept = json.loads(done.read_text()) if done.exists() else {}
+                if kept.get("steps") == steps and kept.get("init") == (str(init) if init else None):
+                    per_seed[str(seed)] = kept
+                else:
+                    per_seed[str(seed)] = {**(ours(recipe, args.shards, steps, seed, init, work) if loop == "ours" else
+                                              reference(cfg, folders["train"], folders["val"], steps, seed, init, work)),
+                                           "init": str(init) if init else None, "commit": commit()}
+                    work.mkdir(parents=True, exist_ok=True)
+                    done.write_text(json.dumps(per_seed[str(seed)], indent=2) + "\n")
                 print(f"{arm} {loop} seed {seed}: {per_seed[str(seed)]}", flush=True)
             results[arm][loop] = aggregate(per_seed)
     print("\n| arm | loop | steps | val top-1 (mean) | per seed | train loss (last window) |\n|---|---|---|---|---|---|")
