@@ -20,7 +20,7 @@ from vitcore.config import ConfigError
 from vitcore.data import read_index
 from vitcore.data.transforms import eval_transform, normalize, train_transform
 from vitcore.eval.loop import eval_mode
-from vitcore.eval.metrics import classification_metrics, classification_sums
+from vitcore.eval.metrics import classification_metrics, classification_sums, prediction_rows
 from vitcore.model.pretrained import load_encoder
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
 from vitcore.report.attention import attention_maps, confusion_image
@@ -127,9 +127,12 @@ class ClassifyTask(Task):
         return loss, {"acc": acc}
 
     def eval_sums(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Top-1/top-5 hits, cross-entropy and the confusion matrix of one batch; `model` is a ViT
-        (the trained weights or their EMA)."""
-        return classification_sums(model(normalize(batch["image"])).logits, batch["label"], len(self.class_names))
+        """Top-1/top-5 hits, cross-entropy and the confusion matrix of one batch, and each image's
+        label and top-5 (for the final evaluation's predictions); `model` is a ViT (the trained
+        weights or their EMA)."""
+        logits = model(normalize(batch["image"])).logits
+        return {**classification_sums(logits, batch["label"], len(self.class_names)),
+                **prediction_rows(logits, batch["label"])}
 
     def eval_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         return classification_metrics(sums)

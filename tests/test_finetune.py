@@ -28,6 +28,7 @@ from vitcore.data.transforms import eval_transform
 from vitcore.train.engine import main
 from vitcore.eval.loop import evaluate
 from vitcore.eval.metrics import classification_metrics, classification_sums
+from vitcore.rundir import read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,6 +203,9 @@ def test_two_processes_evaluate_every_image_exactly_once(cifar_shards, val_shard
     assert sorted(seen[0] + seen[1]) == sorted(_keys_and_labels(val_shards))  # each image once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"]["count"] == 100 and summary["processes"] == 2
+    rows = read_predictions(out)  # both ranks' images, gathered: the same count as the top-1's
+    assert [(r["key"], r["label"]) for r in rows] == sorted(_keys_and_labels(val_shards).items())
+    assert sum(r["top5"][0] == r["label"] for r in rows) == round(summary["eval"]["top1"] * 100)
 
 
 def test_a_short_fine_tune_on_real_images_beats_chance(cifar_shards, val_shards, tmp_path):
@@ -252,9 +256,16 @@ def test_the_demo_pipeline_end_to_end_on_real_images(cifar_shards, val_shards, t
         assert 0 <= results[name]["top1"] <= results[name]["top5"] <= 1 and results[name]["count"] == 100
     gain = results["gains"]["pretrained - scratch_same_compute"]
     assert gain == results["pretrained"]["top1"] - results["scratch_same_compute"]["top1"]
+    for name in ("pretrained", "scratch_same_compute"):  # every validation image once, what the top-1 counted
+        rows = read_predictions(runs / name)
+        assert [r["key"] for r in rows] == sorted({r["key"] for r in rows}) and len(rows) == 100
+        assert sum(r["top5"][0] == r["label"] for r in rows) == round(results[name]["top1"] * 100)
+    low, high = results["gains"]["pretrained - scratch_same_compute_bootstrap_ci95"]
+    assert low <= gain <= high and high - low > 0
     spent = results["pretrain"]["train_flops"] + results["pretrained"]["train_flops"]
     assert abs(results["scratch_same_compute"]["train_flops"] / spent - 1) < 0.1
     assert results["pretrain"]["stage"] == "pretrain" and "baseline_acc" in results["pretrain"]
     table = (runs / "results.md").read_text()
     assert "| pretrained " in table and "| scratch_same_compute " in table and "most-frequent-colour acc" in table
     assert "TFLOP" in table and "pretrained - scratch_same_compute:" in table
+    assert "(95% interval over the validation images, paired bootstrap: " in table

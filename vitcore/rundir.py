@@ -6,6 +6,9 @@ and the export read through it.
                            evaluation and monitor rows carry `val/...` and `probe/...` keys instead
     <run>/summary.json     written once, when the run finishes: final metrics, wall time, throughput,
                            the task's declared report columns ("columns") and figure panels
+    <run>/predictions.jsonl  the final evaluation's prediction of every validation image, for a
+                           task that gives them (classification): {"key", "label", "top5"} per
+                           line, sorted by key; what paired comparisons of two runs resample
     <run>/checkpoints/     `vitcore.checkpoint`'s format
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 
 from vitcore.atomic import atomic_write_text
 
-CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.jsonl", "summary.json"
+CONFIG, METRICS, SUMMARY, PREDICTIONS = "config.yaml", "metrics.jsonl", "summary.json", "predictions.jsonl"
 Column = tuple[str, str, str]  # (title, key, format): see `columns`
 DEFAULT_COLUMNS: list[Column] = [("loss", "loss", "{:.3f}")]
 
@@ -61,8 +64,20 @@ def write_summary(run: Path, summary: dict[str, Any]) -> None:
     atomic_write_text(run / SUMMARY, json.dumps(summary, indent=2))
 
 
+def write_predictions(run: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(run / PREDICTIONS, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_predictions(run: Path) -> list[dict[str, Any]] | None:
+    """A run's per-image predictions (see the format above), or None when it has none."""
+    path = run / PREDICTIONS
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
 def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
-    """A finished run as the report shows it: {"run", "summary", "first", "last"}, where "last" maps
+    """A finished run as the report shows it: {"run", "dir", "summary", "first", "last"}, where "last" maps
     each column key to its final value (the final training window's metrics, "eval.<name>",
     "eval_<prefix>.<name>" and "probe.<name>" from the summary) and "first" to its first value (the
     first training window; the monitor's scores of the randomly initialised encoder)."""
@@ -73,7 +88,7 @@ def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
         if (section == "probe" or section.startswith("eval")) and isinstance(values, dict):
             last.update({f"{section}.{k}": v for k, v in values.items()})
     first = {**(train[0] if train else {}), **{f"probe.{k}": v for k, v in (summary.get("probe_start") or {}).items()}}
-    return {"run": name or str(run), "summary": summary, "first": first, "last": last}
+    return {"run": name or str(run), "dir": run, "summary": summary, "first": first, "last": last}
 
 
 def columns(runs: list[dict[str, Any]]) -> list[Column]:

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vitcore.data import ShardStream
-from vitcore.eval.metrics import sum_dtype
+from vitcore.eval.metrics import ROWS, sum_dtype
 from vitcore.sharding import even_batches, standalone_forwards
 
 # One batch -> additive sums (`vitcore.train.task.Task.eval_sums`)
@@ -60,22 +60,30 @@ def device_batches(accelerator: Accelerator, stream: ShardStream, desc: str) -> 
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, step: EvalStep, stream: ShardStream, desc: str = "eval") -> dict[str, Any]:
+def evaluate(accelerator: Accelerator, step: EvalStep, stream: ShardStream, desc: str = "eval",
+             rows: bool = False) -> dict[str, Any]:
     """One pass of `stream`: the sums `step` returns per batch, added over batches and all ranks.
 
     Returns {"sums": {name: reduced tensor on the CPU}, "count" (images), "skipped", "expected"}.
-    The caller runs `step` on the unwrapped model in eval() under the run's precision (under FSDP,
-    on every rank inside `vitcore.sharding.standalone_forwards`).
+    With `rows`, also "rows": one dict per image of every rank, sorted by its sample key: {"key",
+    and each per-image value `step` returns under `ROWS` ("rows/top5" as "top5"), as plain lists}
+    (without, those values are dropped). The caller runs `step` on the unwrapped model in eval()
+    under the run's precision (under FSDP, on every rank inside `vitcore.sharding.standalone_forwards`).
     """
     device = accelerator.device
     dtype = sum_dtype(device)
     sums: dict[str, Tensor] = {}
+    kept: list[dict[str, Any]] = []  # this rank's per-image rows
     images, skipped_before = 0, stream.skipped  # known from shapes: counted on the host, no sync
     for batch, real in device_batches(accelerator, stream, desc):
         with accelerator.autocast():
             out = step(batch)
         if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks
             continue
+        per_image = {name.removeprefix(ROWS): out.pop(name) for name in [n for n in out if n.startswith(ROWS)]}
+        if rows:  # to the host: a sync, so only when asked
+            values = {name: value.tolist() for name, value in per_image.items()}
+            kept += [{"key": key, **{name: v[i] for name, v in values.items()}} for i, key in enumerate(batch["key"])]
         for name, value in out.items():
             sums[name] = sums[name] + value if name in sums else value.to(dtype)
         images += batch["image"].shape[0]
@@ -92,7 +100,10 @@ def evaluate(accelerator: Accelerator, step: EvalStep, stream: ShardStream, desc
         reduced[name] = total[offset:offset + sums[name].numel()].view(sums[name].shape)
         offset += sums[name].numel()
     images, skipped = total[offset:].tolist()
-    return {"sums": reduced, "count": int(images), "skipped": int(skipped), "expected": stream.epoch_samples}
+    result = {"sums": reduced, "count": int(images), "skipped": int(skipped), "expected": stream.epoch_samples}
+    if rows:
+        result["rows"] = sorted((row for part in gather_object([kept]) for row in part), key=lambda row: row["key"])
+    return result
 
 
 def coverage_problem(result: dict[str, Any]) -> str | None:

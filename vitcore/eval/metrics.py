@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+ROWS = "rows/"  # a name of `eval_sums` under this prefix is per image, kept (not added) for predictions
+
 
 def sum_dtype(device: torch.device) -> torch.dtype:
     """float64 sums (exact counts to 2^53), float32 where the device has no float64 (MPS)."""
@@ -29,6 +31,12 @@ def classification_sums(logits: Tensor, targets: Tensor, num_classes: int | None
         sums["confusion"] = confusion.index_add_(0, targets * num_classes + top5[:, 0],
                                                  torch.ones_like(targets, dtype=dtype))
     return sums
+
+
+def prediction_rows(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Per-image rows of a classification (not sums: the evaluation loop keeps them apart, see
+    `vitcore.eval.loop.ROWS`): the label and the top-5 classes, (M,) and (M, 5)."""
+    return {f"{ROWS}label": targets, f"{ROWS}top5": logits.topk(min(5, logits.shape[-1]), dim=-1).indices}
 
 
 def classification_metrics(sums: dict[str, Tensor]) -> dict[str, float]:

@@ -5,7 +5,9 @@
 Reads each run's summary.json and metrics.jsonl (nothing is recomputed), so the numbers printed
 are the ones the run logged. `--out` also writes the table to PREFIX.md and the numbers to
 PREFIX.json as {NAME: {"top1": ..., "top5": ..., ...}} (fractions). `--gain A,B` (repeatable) adds
-"gains": {"A - B": top-1 of A minus top-1 of B}, a line each under the table.
+"gains": {"A - B": top-1 of A minus top-1 of B}, a line each under the table; when both runs wrote
+their predictions (`predictions.jsonl`: classification runs do), also "A - B_bootstrap_ci95": the
+95% paired bootstrap interval over the validation images (`vitcore.report.intervals`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from vitcore.atomic import atomic_write_text
-from vitcore.rundir import columns, read_run
+from vitcore.report.intervals import paired_bootstrap, paired_hits
+from vitcore.rundir import columns, read_predictions, read_run
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -59,11 +62,27 @@ def numbers(runs: list[dict[str, Any]], gains: list[tuple[str, str]] = ()) -> di
         if s.get("eval_ema"):
             entry["ema"] = s["eval_ema"]
         out[r["run"]] = entry
+    by_name = {r["run"]: r for r in runs}
     for a, b in gains:
         if "top1" not in out.get(a, {}) or "top1" not in out.get(b, {}):
             raise ValueError(f"--gain {a},{b}: both runs need a final evaluation (top1)")
         out.setdefault("gains", {})[f"{a} - {b}"] = out[a]["top1"] - out[b]["top1"]
+        predictions = [read_predictions(by_name[name]["dir"]) for name in (a, b)]
+        if all(predictions):
+            try:
+                hits = paired_hits(*predictions)
+            except ValueError as e:
+                raise ValueError(f"--gain {a},{b}: {e}") from None
+            out["gains"][f"{a} - {b}_bootstrap_ci95"] = paired_bootstrap(*hits)
     return out
+
+
+def gain_line(pair: str, gains: dict[str, Any]) -> str:
+    """"A - B: +2.3 points of val top-1", with its interval over validation images when there is one."""
+    line = f"{pair}: {gains[pair] * 100:+.1f} points of val top-1"
+    if (ci := gains.get(f"{pair}_bootstrap_ci95")) is not None:
+        line += f" (95% interval over the validation images, paired bootstrap: {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})"
+    return line + "."
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     notes.append("compute: the run's training FLOPs (FLOPs per image x images trained on).")
-    notes += [f"{pair}: {gain * 100:+.1f} points of val top-1." for pair, gain in result.get("gains", {}).items()]
+    notes += [gain_line(pair, result["gains"]) for pair in result.get("gains", {}) if not pair.endswith("_ci95")]
     print(text + "\n\n" + "\n".join(notes))
     print(f"TensorBoard: tensorboard --logdir {Path(named[0][1]).parent}")
     if args.out:

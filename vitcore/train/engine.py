@@ -182,7 +182,7 @@ class Trainer:
                 probe = self._probe(log, model, progress)
                 scores.update({f"probe/{k}": v for k, v in probe.items()})
             if self.eval_stream is not None and ((cfg.run.eval_every and step % cfg.run.eval_every == 0) or last):
-                evaluation = self._evaluate(log, model, progress)
+                evaluation = self._evaluate(log, model, progress, predictions=last)
                 scores.update({f"val/{k}": v for k, v in evaluation.items()})
             is_best = self._improves(scores, progress)
             stop = signals.agreed()  # every rank stops at the same step, whichever got the signal
@@ -273,8 +273,10 @@ class Trainer:
             )
         window.reset()
 
-    def _evaluate(self, log: RunLogger, model: nn.Module, progress: Progress) -> dict[str, Any]:
-        """Evaluate every weight set the task names (trained, EMA): the task's metrics, prefixed."""
+    def _evaluate(self, log: RunLogger, model: nn.Module, progress: Progress, predictions: bool = False
+                  ) -> dict[str, Any]:
+        """Evaluate every weight set the task names (trained, EMA): the task's metrics, prefixed. With
+        `predictions` (the final evaluation), the trained weights' per-image rows are written too."""
         accel, task = self.accelerator, self.task
         assert self.eval_stream is not None
         scalars: dict[str, float] = {}
@@ -284,10 +286,11 @@ class Trainer:
         with eval_mode(accel.unwrap_model(model), model) as unwrapped, _data_errors("eval.shards", BrokenData):
             for prefix, weights in task.eval_models(unwrapped).items():
                 result = evaluate(accel, lambda batch, m=weights: task.eval_sums(m, batch), self.eval_stream,
-                                  desc=f"eval {prefix.rstrip('_') or 'model'}")
+                                  desc=f"eval {prefix.rstrip('_') or 'model'}", rows=predictions and not prefix)
                 scalars.update({f"{prefix}{k}": v for k, v in task.eval_metrics(result["sums"]).items()})
                 if not prefix:
                     first = result
+                    log.predictions(result.get("rows"))
                     for tag, image in task.eval_images(result["sums"]).items():
                         log.image(progress.step, tag, image)
         if problem := coverage_problem(first):

@@ -79,6 +79,11 @@ class RunLogger:
         if self.enabled:
             self.writer.add_image(tag, image.float().clamp(0, 1).cpu(), step)
 
+    def predictions(self, rows: list[dict[str, Any]] | None) -> None:
+        """The final evaluation's per-image predictions (`vitcore.rundir.PREDICTIONS`), if it made any."""
+        if self.enabled and rows:
+            rundir.write_predictions(self.out_dir, rows)
+
     def message(self, text: str) -> None:
         if self.enabled:
             tqdm.write(text)

@@ -55,7 +55,9 @@ class Task:
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         """Evaluation of one batch by an unwrapped model in eval() mode, as additive sums (tensors of
-        any fixed shape: the loop adds them over batches and ranks), without touching the global RNG."""
+        any fixed shape: the loop adds them over batches and ranks), without touching the global RNG.
+        Per-image values (B, ...) under names starting `vitcore.eval.metrics.ROWS` are not added: the
+        final evaluation writes them to the run's predictions (`vitcore.rundir.PREDICTIONS`)."""
         raise NotImplementedError(f"the {self.name} task has no evaluation: set eval.shards=null")
 
     def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
