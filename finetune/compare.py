@@ -22,17 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 from typing import Any
 
+import torch
+
 from vitcore.atomic import atomic_write_text
-from vitcore.rundir import read_metrics, read_summary
+from vitcore.report.intervals import paired_bootstrap, paired_hits, t_interval
+from vitcore.rundir import read_metrics, read_predictions, read_summary
 
 ARMS = {  # key in results.json -> what the arm is
     "pretrained": "fine-tuned from the MPP encoder",
     "scratch": "from scratch, the same fine-tuning steps",
     "scratch_same_compute": "from scratch, the same total training compute",
 }
+GAINS = {"same_finetune_budget": "scratch", "same_compute": "scratch_same_compute"}  # gain -> the arm beaten
 REGIMES = {"all": ("", "all labels"), "labels_10pct": ("labels_10pct", "10% of the labels")}
 PROBES = {"pretrained": "linear probe, MPP encoder", "random": "linear probe, random encoder"}
 
@@ -61,10 +65,25 @@ def _run_row(run: Path, pretrain: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def _arm(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per-seed rows and their means over seeds."""
+    """Per-seed rows, their means over seeds and the top-1's standard deviation (None for one seed)."""
     first = next(iter(rows.values()))
+    top1 = [r["top1"] for r in rows.values()]
     return {**{k: mean(r[k] for r in rows.values()) for k in ("top1", "top5", "train_flops", "wall_s")},
-            "steps": first["steps"], "per_seed": rows}
+            "top1_std": stdev(top1) if len(top1) > 1 else None, "steps": first["steps"], "per_seed": rows}
+
+
+def _gain(name: str, a: dict[str, Any], b: dict[str, Any], runs: dict[str, tuple[Path, Path]]) -> dict[str, Any]:
+    """Arm a's top-1 minus arm b's, paired by seed: the mean difference `name`, `name_per_seed`, the
+    t-interval over seeds `name_ci95` and, when every run wrote its predictions, the paired bootstrap
+    over validation images `name_bootstrap_ci95` (pooled over seeds); `runs`: seed -> (a's, b's run)."""
+    per_seed = {seed: a["per_seed"][seed]["top1"] - b["per_seed"][seed]["top1"] for seed in runs}
+    predictions = [(read_predictions(run_a), read_predictions(run_b)) for run_a, run_b in runs.values()]
+    bootstrap = None
+    if all(pa and pb for pa, pb in predictions):
+        hits = [paired_hits(pa, pb) for pa, pb in predictions]  # per seed: (N,) each arm, the same images
+        bootstrap = paired_bootstrap(torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits]))
+    return {name: mean(per_seed.values()), f"{name}_per_seed": per_seed,
+            f"{name}_ci95": t_interval(list(per_seed.values())), f"{name}_bootstrap_ci95": bootstrap}
 
 
 def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
@@ -77,11 +96,10 @@ def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
     for regime, (folder, _) in REGIMES.items():
         arms = {arm: _arm({seed: _run_row(exp / folder / f"{arm}-s{seed}", pre if arm == "pretrained" else None)
                            for seed in seeds}) for arm in ARMS}
-        gains = {"same_finetune_budget": arms["pretrained"]["top1"] - arms["scratch"]["top1"],
-                 "same_compute": arms["pretrained"]["top1"] - arms["scratch_same_compute"]["top1"],
-                 "same_compute_per_seed": {seed: arms["pretrained"]["per_seed"][seed]["top1"]
-                                           - arms["scratch_same_compute"]["per_seed"][seed]["top1"]
-                                           for seed in seeds}}
+        gains = {}
+        for name, baseline in GAINS.items():
+            runs = {seed: (exp / folder / f"pretrained-s{seed}", exp / folder / f"{baseline}-s{seed}") for seed in seeds}
+            gains.update(_gain(name, arms["pretrained"], arms[baseline], runs))
         entry = {**arms, "gains": gains}
         if regime == "all":
             out.update(entry)
@@ -109,7 +127,7 @@ def markdown(res: dict[str, Any]) -> str:
             a = entry[arm]
             steps = f"{pre['steps']} MPP + {a['steps']}" if arm == "pretrained" else str(a["steps"])
             seeds = " / ".join(_pct(r["top1"]) for r in a["per_seed"].values())
-            top1 = _pct(a["top1"]) + (f" ({seeds})" if len(a["per_seed"]) > 1 else "")
+            top1 = _pct(a["top1"]) + (f" ± {100 * a['top1_std']:.1f} ({seeds})" if len(a["per_seed"]) > 1 else "")
             gain = {"scratch": "same_finetune_budget", "scratch_same_compute": "same_compute"}.get(arm)
             gain_text = f"{100 * entry['gains'][gain]:+.1f}" if gain else "-"
             lines.append(f"| {words} | {arm}: {what} | {steps} | {a['train_flops'] / 1e12:,.1f} TFLOP | "
@@ -118,7 +136,28 @@ def markdown(res: dict[str, Any]) -> str:
         if name in res["probes"]:
             p = res["probes"][name]
             lines.append(f"| all labels | {what} | - | - | - | {_pct(p['top1'])} | {_pct(p['top5'])} | - |")
-    return "\n".join(lines)
+    return "\n".join(lines + gains_markdown(res))
+
+
+def gains_markdown(res: dict[str, Any]) -> list[str]:
+    """The gains with their intervals, a table below the results (none for results without them)."""
+    lines = ["", "| labels | gain of the pretrained arm | mean | per seed | 95% interval over seeds (t) | "
+             "95% interval over validation images (paired bootstrap) |", "|---|---|---|---|---|---|"]
+    for regime, (_, words) in REGIMES.items():
+        gains = (res if regime == "all" else res[regime])["gains"]
+        for name, baseline in GAINS.items():
+            if f"{name}_ci95" not in gains:
+                return []
+            seeds = " / ".join(f"{100 * g:+.1f}" for g in gains[f"{name}_per_seed"].values())
+            over_seeds = _interval(gains[f"{name}_ci95"], "one seed")
+            over_images = _interval(gains[f"{name}_bootstrap_ci95"], "no predictions")
+            lines.append(f"| {words} | over {baseline} | {100 * gains[name]:+.1f} | {seeds} | {over_seeds} | "
+                         f"{over_images} |")
+    return lines
+
+
+def _interval(ci: list[float] | None, missing: str) -> str:
+    return f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci is not None else f"- ({missing})"
 
 
 def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:

@@ -12,9 +12,13 @@ from finetune.compare import REGIMES, main, markdown, matched_steps, results, sw
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_run(run: Path, top1: float, steps: int, flops_per_step: float, wall: float) -> None:
-    """A finished run as the engine leaves it: summary.json and evaluation rows in metrics.jsonl."""
+def fake_run(run: Path, top1: float, steps: int, flops_per_step: float, wall: float, predictions: bool = False) -> None:
+    """A finished run as the engine leaves it: summary.json and evaluation rows in metrics.jsonl and,
+    with `predictions`, predictions.jsonl: the first top1 x 100 of 100 images right."""
     run.mkdir(parents=True)
+    if predictions:
+        rows = [{"key": f"{i:03d}", "label": 1, "top5": [1 if i < round(100 * top1) else 0, 2]} for i in range(100)]
+        (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"stage": "finetune", "steps": steps, "train_flops": flops_per_step * steps, "wall_time_s": wall,
                "eval": {"top1": top1, "top5": min(1.0, top1 + 0.3), "count": 100}}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -22,13 +26,13 @@ def fake_run(run: Path, top1: float, steps: int, flops_per_step: float, wall: fl
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def fake_experiment(exp: Path, seeds: list[str]) -> None:
+def fake_experiment(exp: Path, seeds: list[str], predictions: bool = False) -> None:
     fake_run(exp / "pretrain", 0.3, 100, 2e12, 60.0)
     for folder in ("", "labels_10pct"):
         for i, seed in enumerate(seeds):
-            fake_run(exp / folder / f"pretrained-s{seed}", 0.6 + 0.01 * i, 50, 1e12, 30.0)
-            fake_run(exp / folder / f"scratch-s{seed}", 0.4, 50, 1e12, 30.0)
-            fake_run(exp / folder / f"scratch_same_compute-s{seed}", 0.5 - 0.02 * i, 250, 1e12, 150.0)
+            fake_run(exp / folder / f"pretrained-s{seed}", 0.6 + 0.01 * i, 50, 1e12, 30.0, predictions)
+            fake_run(exp / folder / f"scratch-s{seed}", 0.4, 50, 1e12, 30.0, predictions)
+            fake_run(exp / folder / f"scratch_same_compute-s{seed}", 0.5 - 0.02 * i, 250, 1e12, 150.0, predictions)
     fake_run(exp / "probe-pretrained", 0.45, 20, 1e11, 10.0)
     fake_run(exp / "probe-random", 0.35, 20, 1e11, 10.0)
 
@@ -53,12 +57,35 @@ def test_results_have_every_arm_regime_and_gain(tmp_path):
         assert entry["gains"]["same_finetune_budget"] == pytest.approx(0.605 - 0.4)
         assert entry["gains"]["same_compute"] == pytest.approx(0.605 - 0.49)
         assert entry["gains"]["same_compute_per_seed"] == pytest.approx({"0": 0.1, "1": 0.13})
+        assert entry["pretrained"]["top1_std"] == pytest.approx(0.01 / 2 ** 0.5)
+        low, high = entry["gains"]["same_compute_ci95"]  # mean 0.115, standard error 0.015, t(0.975, 1) = 12.706
+        assert (low + high) / 2 == pytest.approx(0.115) and (high - low) / 2 == pytest.approx(12.706 * 0.015, rel=1e-3)
+        assert entry["gains"]["same_compute_bootstrap_ci95"] is None  # the runs wrote no predictions
     assert res["probes"]["pretrained"]["top1"] == 0.45 and res["probes"]["random"]["top1"] == 0.35
     table = markdown(res)
     assert "| all labels | pretrained: fine-tuned from the MPP encoder | 100 MPP + 50 | 250.0 TFLOP | 1.5 min | " \
-           "60.5% (60.0% / 61.0%) | 90.5% | - |" in table
+           "60.5% ± 0.7 (60.0% / 61.0%) | 90.5% | - |" in table
     assert "| 10% of the labels | scratch_same_compute: from scratch, the same total training compute | 250 | " \
-           "250.0 TFLOP | 2.5 min | 49.0% (50.0% / 48.0%) | 79.0% | +11.5 |" in table
+           "250.0 TFLOP | 2.5 min | 49.0% ± 1.4 (50.0% / 48.0%) | 79.0% | +11.5 |" in table
+    assert "| all labels | over scratch_same_compute | +11.5 | +10.0 / +13.0 | [-7.6, +30.6] | - (no predictions) |" \
+        in table
+
+
+def test_the_bootstrap_pairs_every_seed_s_runs_on_the_same_images(tmp_path):
+    """Seed 0: 60 of 100 images right against 50 (a subset of them); seed 1: 61 against 48. The
+    pooled per-image difference has mean 0.115; its bootstrap interval is about 1.96 standard errors
+    either side."""
+    fake_experiment(tmp_path / "exp", ["0", "1"], predictions=True)
+    gains = results(tmp_path / "exp", ["0", "1"])["gains"]
+    low, high = gains["same_compute_bootstrap_ci95"]
+    per_image = [(1.0 if i < 60 else 0.0) - (1.0 if i < 50 else 0.0) + (1.0 if i < 61 else 0.0) - (1.0 if i < 48 else 0.0)
+                 for i in range(100)]
+    per_image = [d / 2 for d in per_image]
+    m = sum(per_image) / 100
+    se = (sum((d - m) ** 2 for d in per_image) / 99) ** 0.5 / 10
+    assert m == pytest.approx(0.115) and low == pytest.approx(m - 1.96 * se, abs=0.01)
+    assert high == pytest.approx(m + 1.96 * se, abs=0.01)
+    assert results(tmp_path / "exp", ["0", "1"])["gains"]["same_compute_bootstrap_ci95"] == [low, high]  # seeded
 
 
 def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
