@@ -25,11 +25,9 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-import torch
-
 from vitcore.atomic import atomic_write_text
-from vitcore.report.intervals import paired_bootstrap, paired_hits, t_interval
-from vitcore.rundir import read_metrics, read_predictions, read_summary
+from vitcore.report.intervals import runs_interval, t_interval
+from vitcore.rundir import read_metrics, read_summary
 
 ARMS = {  # key in results.json -> what the arm is
     "pretrained": "fine-tuned from the MPP encoder",
@@ -77,13 +75,9 @@ def _gain(name: str, a: dict[str, Any], b: dict[str, Any], runs: dict[str, tuple
     t-interval over seeds `name_ci95` and, when every run wrote its predictions, the paired bootstrap
     over validation images `name_bootstrap_ci95` (pooled over seeds); `runs`: seed -> (a's, b's run)."""
     per_seed = {seed: a["per_seed"][seed]["top1"] - b["per_seed"][seed]["top1"] for seed in runs}
-    predictions = [(read_predictions(run_a), read_predictions(run_b)) for run_a, run_b in runs.values()]
-    bootstrap = None
-    if all(pa and pb for pa, pb in predictions):
-        hits = [paired_hits(pa, pb) for pa, pb in predictions]  # per seed: (N,) each arm, the same images
-        bootstrap = paired_bootstrap(torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits]))
-    return {name: mean(per_seed.values()), f"{name}_per_seed": per_seed,
-            f"{name}_ci95": t_interval(list(per_seed.values())), f"{name}_bootstrap_ci95": bootstrap}
+    differences = list(per_seed.values())
+    return {name: mean(differences), f"{name}_per_seed": per_seed, f"{name}_ci95": t_interval(differences),
+            f"{name}_bootstrap_ci95": runs_interval(list(runs.values()))}
 
 
 def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
@@ -98,7 +92,7 @@ def results(exp: Path, seeds: list[str]) -> dict[str, Any]:
                            for seed in seeds}) for arm in ARMS}
         gains = {}
         for name, baseline in GAINS.items():
-            runs = {seed: (exp / folder / f"pretrained-s{seed}", exp / folder / f"{baseline}-s{seed}") for seed in seeds}
+            runs = {s: (exp / folder / f"pretrained-s{s}", exp / folder / f"{baseline}-s{s}") for s in seeds}
             gains.update(_gain(name, arms["pretrained"], arms[baseline], runs))
         entry = {**arms, "gains": gains}
         if regime == "all":

@@ -14,9 +14,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from vitcore.rundir import read_predictions
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -64,6 +67,17 @@ def paired_bootstrap(a: Tensor, b: Tensor, resamples: int = 10_000, seed: int = 
     tail = (1 - confidence) / 2
     low, high = torch.quantile(torch.cat(stats), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return [low, high]
+
+
+def runs_interval(pairs: Sequence[tuple[Path, Path]], resamples: int = 10_000, seed: int = 0) -> list[float] | None:
+    """`paired_bootstrap` of run A's top-1 minus run B's from their predictions (`predictions.jsonl`),
+    pooled over `pairs` (one (A, B) pair of run directories per seed); None when a run wrote none.
+    Raises ValueError when a pair was not evaluated on the same images."""
+    predictions = [(read_predictions(a), read_predictions(b)) for a, b in pairs]
+    if not all(pa and pb for pa, pb in predictions):
+        return None
+    hits = [paired_hits(pa, pb) for pa, pb in predictions]  # per pair: (N,) each, in one image order
+    return paired_bootstrap(torch.stack([h[0] for h in hits]), torch.stack([h[1] for h in hits]), resamples, seed)
 
 
 def paired_hits(a: list[dict], b: list[dict]) -> tuple[Tensor, Tensor]:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from vitcore.atomic import atomic_write_text
-from vitcore.report.intervals import paired_bootstrap, paired_hits
-from vitcore.rundir import columns, read_predictions, read_run
+from vitcore.report.intervals import runs_interval
+from vitcore.rundir import columns, read_run
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -67,13 +67,12 @@ def numbers(runs: list[dict[str, Any]], gains: list[tuple[str, str]] = ()) -> di
         if "top1" not in out.get(a, {}) or "top1" not in out.get(b, {}):
             raise ValueError(f"--gain {a},{b}: both runs need a final evaluation (top1)")
         out.setdefault("gains", {})[f"{a} - {b}"] = out[a]["top1"] - out[b]["top1"]
-        predictions = [read_predictions(by_name[name]["dir"]) for name in (a, b)]
-        if all(predictions):
-            try:
-                hits = paired_hits(*predictions)
-            except ValueError as e:
-                raise ValueError(f"--gain {a},{b}: {e}") from None
-            out["gains"][f"{a} - {b}_bootstrap_ci95"] = paired_bootstrap(*hits)
+        try:
+            interval = runs_interval([(by_name[a]["dir"], by_name[b]["dir"])])
+        except ValueError as e:
+            raise ValueError(f"--gain {a},{b}: {e}") from None
+        if interval is not None:
+            out["gains"][f"{a} - {b}_bootstrap_ci95"] = interval
     return out
 
 
@@ -81,7 +80,8 @@ def gain_line(pair: str, gains: dict[str, Any]) -> str:
     """"A - B: +2.3 points of val top-1", with its interval over validation images when there is one."""
     line = f"{pair}: {gains[pair] * 100:+.1f} points of val top-1"
     if (ci := gains.get(f"{pair}_bootstrap_ci95")) is not None:
-        line += f" (95% interval over the validation images, paired bootstrap: {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})"
+        line += (" (95% interval over the validation images, paired bootstrap: "
+                 f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})")
     return line + "."
 
 
