@@ -29,7 +29,7 @@ EXP_EVAL_EVERY     ?= 250
 EXP_PER_CLASS      ?= 95
 SEEDS      ?= 0
 
-.PHONY: setup test test-all demo experiment sweep ablations bench clean
+.PHONY: setup test test-all demo experiment pretrain-curve sweep ablations bench clean
 
 setup: $(VENV)/.installed
 
@@ -108,6 +108,41 @@ experiment: setup $(EXP_SETS) $(EXP_RUNS)/pretrain/summary.json
 	cp $(EXP_RUNS)/figures/training_curves.png $(EXP_RUNS)/figures/val_top1.png \
 	    $(EXP_RUNS)/figures/pretrain_mpp_predictions.png docs/figures/
 	cp $(EXP_RUNS)/figures/pretrained-s$(firstword $(SEEDS))_val_confusion.png docs/figures/experiment_confusion.png
+
+# `make pretrain-curve`: how much pretraining pays. One MPP pretraining 4x as long as the
+# experiment's, its checkpoints kept at 1/4, 1/2 and the end, plus the one the monitor's linear
+# probe picks (checkpoints/best, when it is another); each fine-tuned like the experiment's
+# pretrained arm and against scratch with the same total compute (a run of its own: a longer
+# run's intermediate evaluation has another lr schedule), with all labels and with 10% of them,
+# seed 0; then the table, docs/pretrain-curve-results.json and docs/figures/pretrain_curve.png.
+CURVE_RUNS  ?= runs/pretrain-curve
+CURVE_DOCS  ?= docs
+CURVE_STEPS ?= $(shell echo $$((4 * $(EXP_PRETRAIN_STEPS))))
+CURVE_CKPTS  = $(foreach part,4 2 1,$(shell printf 'step-%08d' $$(($(CURVE_STEPS) / $(part)))))
+$(CURVE_RUNS)/pretrain/summary.json: | setup $(EXP_SETS)
+	$(LAUNCH) pretrain/run.py $(EXP_SHARDS) run.out_dir=$(CURVE_RUNS)/pretrain run.steps=$(CURVE_STEPS) \
+	    run.ckpt_every=$$(($(CURVE_STEPS) / 4)) run.keep_last=4 run.eval_every=$$(($(CURVE_STEPS) / 4)) \
+	    monitor.train_shards=$(EXP_DATA)/monitor-train monitor.val_shards=$(EXP_DATA)/monitor-val monitor.every=250 \
+	    run.best_metric=probe/linear_top1_cls
+
+pretrain-curve: setup $(EXP_SETS) $(CURVE_RUNS)/pretrain/summary.json
+	rm -rf $(CURVE_RUNS)/points
+	best=$$(basename $$(readlink -f $(CURVE_RUNS)/pretrain/checkpoints/best)); \
+	for point in $(CURVE_CKPTS) $$(echo " $(CURVE_CKPTS) " | grep -q " $$best " || echo best); do \
+	  for regime in all labels_10pct; do \
+	    if [ $$regime = all ]; then data="$(EXP_SHARDS)"; steps=$(EXP_FT_STEPS); \
+	    else data="$(EXP_10PCT)"; steps=$(EXP_FT10_STEPS); fi; \
+	    ckpt=$(CURVE_RUNS)/pretrain/checkpoints/$$point; out=$(CURVE_RUNS)/points/$$point/$$regime; \
+	    $(call EXP_FT,pretrained) $$data init_from=$$ckpt run.out_dir=$$out/pretrained run.steps=$$steps \
+	        run.eval_every=0 || exit 1; \
+	    matched=$$($(PY) -m finetune.compare steps $$ckpt $$out/pretrained) || exit 1; \
+	    $(call EXP_FT,scratch) $$data init_from=null run.out_dir=$$out/scratch_same_compute run.steps=$$matched \
+	        run.eval_every=0 || exit 1; \
+	  done; \
+	done
+	$(PY) -m finetune.curve $(CURVE_RUNS) --out $(CURVE_RUNS)/results
+	cp $(CURVE_RUNS)/results.json $(CURVE_DOCS)/pretrain-curve-results.json
+	cp $(CURVE_RUNS)/figures/pretrain_curve.png $(CURVE_DOCS)/figures/pretrain_curve.png
 
 # The search behind the experiment's recipes, the same for both arms: peak lr, then warmup at the
 # best lr, each fine-tuned for SWEEP_STEPS on the training images minus a held-out 1,000 and

@@ -1,6 +1,7 @@
 """Pretrained against scratch, at the same fine-tuning budget and at the same total compute:
 
     python -m finetune.compare steps PRETRAIN_RUN FINETUNE_RUN   # scratch steps that cost both runs' FLOPs
+                                                                 # (PRETRAIN_RUN/checkpoints/<step>: up to it)
     python -m finetune.compare best RUN [RUN ...]                # the run with the best final val top-1
     python -m finetune.compare sweep SWEEP_DIR [--out PREFIX]    # the sweep's table
     python -m finetune.compare results EXP_DIR --seeds 0 [1 ...] [--out PREFIX]
@@ -25,6 +26,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from vitcore import checkpoint
 from vitcore.atomic import atomic_write_text
 from vitcore.report.intervals import runs_interval, t_interval
 from vitcore.rundir import read_metrics, read_summary
@@ -39,12 +41,22 @@ REGIMES = {"all": ("", "all labels"), "labels_10pct": ("labels_10pct", "10% of t
 PROBES = {"pretrained": "linear probe, MPP encoder", "random": "linear probe, random encoder"}
 
 
+def pretraining_flops(pretrain: Path) -> float:
+    """The training compute of a pretraining run, or of the run up to one of its checkpoints (a
+    checkpoint directory: the run's FLOPs per step times the checkpoint's step)."""
+    if (pretrain / checkpoint.META).is_file():
+        run = pretrain.resolve().parent.parent  # <run>/checkpoints/<step>
+        summary = read_summary(run)
+        return summary["train_flops"] / summary["steps"] * checkpoint.load_meta(pretrain)["step"]
+    return read_summary(pretrain)["train_flops"]
+
+
 def matched_steps(pretrain: Path, finetune: Path) -> int:
     """Steps of `finetune`'s recipe (from scratch: the same FLOPs per step) whose training compute
-    equals `pretrain`'s plus `finetune`'s, rounded to the nearest step."""
-    pre, ft = read_summary(pretrain), read_summary(finetune)
+    equals `pretrain`'s (a run, or a run's checkpoint) plus `finetune`'s, rounded to the nearest step."""
+    ft = read_summary(finetune)
     per_step = ft["train_flops"] / ft["steps"]
-    return round((pre["train_flops"] + ft["train_flops"]) / per_step)
+    return round((pretraining_flops(pretrain) + ft["train_flops"]) / per_step)
 
 
 def best_run(runs: list[Path]) -> Path:
@@ -165,11 +177,11 @@ def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:
 def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
     """Validation top-1 against cumulative training compute: one panel per label regime, seed
     `res["seeds"][0]`; the pretrained curve starts where its pretraining ended."""
-    from vitcore.report.plots import _axes
+    from vitcore.report.plots import figure_panels
 
     seed = res["seeds"][0]
     pre_flops = res["pretrain"]["train_flops"]
-    fig, axes = _axes(len(REGIMES))
+    fig, axes = figure_panels(len(REGIMES))
     styles = {"pretrained": ("C0", "-"), "scratch": ("C1", ":"), "scratch_same_compute": ("C1", "-")}
     for ax, (regime, (folder, words)) in zip(axes, REGIMES.items()):
         for arm, (color, style) in styles.items():

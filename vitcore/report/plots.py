@@ -30,8 +30,8 @@ def load_run(run: Path) -> tuple[dict[str, Any], Rows]:
     return read_summary(run), read_metrics(run)
 
 
-def _axes(panels: int, height: float = 3.6) -> tuple[Any, list[Any]]:
-    """A Figure (no pyplot state) with `panels` axes side by side."""
+def figure_panels(count: int, height: float = 3.6) -> tuple[Any, list[Any]]:
+    """A Figure (no pyplot state) with `count` axes side by side."""
     try:
         import matplotlib
     except ImportError:
@@ -39,8 +39,8 @@ def _axes(panels: int, height: float = 3.6) -> tuple[Any, list[Any]]:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5 * panels, height), dpi=120, layout="constrained")
-    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
+    fig = Figure(figsize=(5 * count, height), dpi=120, layout="constrained")
+    return fig, list(fig.subplots(1, count, squeeze=False)[0])
 
 
 def _series(rows: Rows, key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
@@ -68,7 +68,7 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
         panels += [(title, name, keys) for name, keys in declared]
     if not panels:
         return None
-    fig, axes = _axes(len(panels))
+    fig, axes = figure_panels(len(panels))
     for ax, (title, name, keys) in zip(axes, panels):
         percent = list(keys) != ["loss"]  # accuracy-like panels in %
         for run, s, rows in runs:
@@ -93,7 +93,7 @@ def val_top1(runs: list[Run], path: Path) -> Path | None:
     titles = _groups(runs, "val/top1")
     if not titles:
         return None
-    fig, axes = _axes(len(titles))
+    fig, axes = figure_panels(len(titles))
     for ax, title in zip(axes, titles):
         for name, s, rows in runs:
             if _title(s) != title or not any("val/top1" in r for r in rows):
@@ -114,7 +114,7 @@ def probes(runs: list[Run], path: Path) -> Path | None:
     feature, the step-0 point being the randomly initialised encoder; None without probe rows."""
     if not any("probe/knn_top1_cls" in r for _, _, rows in runs for r in rows):
         return None
-    fig, axes = _axes(len(PROBES))
+    fig, axes = figure_panels(len(PROBES))
     for ax, (probe, title) in zip(axes, PROBES.items()):
         for name, _, rows in runs:
             for feature, label in FEATURES.items():
