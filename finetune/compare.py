@@ -175,8 +175,9 @@ def _curve(run: Path, offset: float) -> tuple[list[float], list[float]]:
 
 
 def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
-    """Validation top-1 against cumulative training compute: one panel per label regime, seed
-    `res["seeds"][0]`; the pretrained curve starts where its pretraining ended."""
+    """Validation top-1 against cumulative training compute: one panel per label regime, the curves
+    of seed `res["seeds"][0]` (the pretrained one starts where its pretraining ended) and every
+    other seed's final top-1 as a point of the arm's colour: the seeds' spread."""
     from vitcore.report.plots import figure_panels
 
     seed = res["seeds"][0]
@@ -187,6 +188,12 @@ def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
         for arm, (color, style) in styles.items():
             xs, ys = _curve(exp / folder / f"{arm}-s{seed}", pre_flops if arm == "pretrained" else 0.0)
             ax.plot(xs, ys, style, color=color, marker=".", label=arm.replace("_", " "))
+            entry = res if regime == "all" else res[regime]
+            others = [r for other, r in entry[arm]["per_seed"].items() if other != seed]
+            if others:
+                ax.plot([r["train_flops"] / 1e12 for r in others],  # the pretrained arm's counts its pretraining
+                        [100 * r["top1"] for r in others], "d", color=color, mfc="none",
+                        label=f"{arm.replace('_', ' ')}, other seeds (final)")
         ax.axvline(pre_flops / 1e12, color="0.6", lw=0.8, ls="--", label="end of MPP pretraining")
         if regime == "all":
             for name, marker in (("pretrained", "o"), ("random", "x")):
@@ -195,7 +202,7 @@ def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
                     x = (pre_flops if name == "pretrained" else 0.0) + read_summary(run)["train_flops"]
                     ax.plot([x / 1e12], [100 * res["probes"][name]["top1"]], marker, color="C2" if name ==
                             "pretrained" else "0.4", label=f"linear probe, {name} encoder")
-        ax.set(title=f"{words} (seed {seed})", xlabel="cumulative training compute (TFLOP)",
+        ax.set(title=f"{words} (curves: seed {seed})", xlabel="cumulative training compute (TFLOP)",
                ylabel="val top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -88,6 +88,12 @@ def test_the_bootstrap_pairs_every_seed_s_runs_on_the_same_images(tmp_path):
     assert results(tmp_path / "exp", ["0", "1"])["gains"]["same_compute_bootstrap_ci95"] == [low, high]  # seeded
 
 
+def test_the_compute_figure_shows_every_seed(tmp_path):
+    fake_experiment(tmp_path / "exp", ["0", "1", "2"])
+    main(["results", str(tmp_path / "exp"), "--seeds", "0", "1", "2", "--out", str(tmp_path / "exp" / "results")])
+    assert (tmp_path / "exp" / "figures" / "compute.png").stat().st_size > 10_000
+
+
 def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
     exp = tmp_path / "exp"
     fake_experiment(exp, ["0"])
