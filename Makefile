@@ -147,34 +147,18 @@ pretrain-curve: setup $(EXP_SETS) $(CURVE_RUNS)/pretrain/summary.json
 	cp $(CURVE_RUNS)/results.json $(CURVE_DOCS)/pretrain-curve-results.json
 	cp $(CURVE_RUNS)/figures/pretrain_curve.png $(CURVE_DOCS)/figures/pretrain_curve.png
 
-# The search behind the experiment's recipes, the same for both arms: peak lr, then warmup at the
-# best lr, each fine-tuned for SWEEP_STEPS on the training images minus a held-out 1,000 and
+# The search behind the experiment's recipes, the same for both arms (finetune/sweep.py): peak lr
+# until the choice is interior, then warmup, then layer-wise lr decay, each arm at its horizon in
+# the experiment (times SWEEP_FRACTION), trained on the training images minus a held-out 1,000 and
 # scored on those 1,000 (never on the validation set the results report).
-SWEEP_RUNS  ?= runs/sweep
-SWEEP_STEPS ?= 200
-SWEEP_LRS   ?= 5e-4 1e-3 2e-3
-SWEEP_WARMUPS ?= 10 100
-SWEEP_LR_WARMUP ?= 40  # the lr search's warmup, the same for both arms whatever their recipes say
-SWEEP_DATA  := data.shards=$(EXP_DATA)/sweep-train eval.shards=$(EXP_DATA)/sweep-holdout run.steps=$(SWEEP_STEPS) \
-               run.eval_every=0 run.image_every=0
+SWEEP_RUNS     ?= runs/sweep
+SWEEP_FRACTION ?= 1
+SWEEP_DOCS     ?= docs
 sweep: setup $(EXP_DATA)/sweep-train/index.json $(EXP_DATA)/sweep-holdout/index.json $(EXP_RUNS)/pretrain/summary.json
-	rm -rf $(SWEEP_RUNS)
-	for arm in pretrained scratch; do \
-	  if [ $$arm = pretrained ]; then init=$(EXP_RUNS)/pretrain; else init=null; fi; \
-	  for lr in $(SWEEP_LRS); do \
-	    $(call EXP_FT,$$arm) $(SWEEP_DATA) init_from=$$init optim.lr=$$lr optim.warmup_steps=$(SWEEP_LR_WARMUP) \
-	        run.out_dir=$(SWEEP_RUNS)/$$arm/lr$$lr \
-	        || exit 1; \
-	  done; \
-	  best=$$($(PY) -m finetune.compare best $(SWEEP_RUNS)/$$arm/lr*) || exit 1; \
-	  lr=$$(sed -n 's/^  lr: //p' $$best/config.yaml); \
-	  for w in $(SWEEP_WARMUPS); do \
-	    $(call EXP_FT,$$arm) $(SWEEP_DATA) init_from=$$init optim.lr=$$lr optim.warmup_steps=$$w \
-	        run.out_dir=$(SWEEP_RUNS)/$$arm/lr$$lr-warmup$$w || exit 1; \
-	  done; \
-	done
-	$(PY) -m finetune.compare sweep $(SWEEP_RUNS) --out $(SWEEP_RUNS)/results
-	cp $(SWEEP_RUNS)/results.json docs/sweep-results.json
+	$(PY) -m finetune.sweep --train $(EXP_DATA)/sweep-train --holdout $(EXP_DATA)/sweep-holdout \
+	    --pretrained $(EXP_RUNS)/pretrain --steps $(EXP_FT_STEPS) --image-size $(EXP_FT_SIZE) \
+	    --fraction $(SWEEP_FRACTION) --out $(SWEEP_RUNS) --launch "$(LAUNCH)"
+	cp $(SWEEP_RUNS)/results.json $(SWEEP_DOCS)/sweep-results.json
 
 # The paper's ablation at the demo's budget (run `make demo` first: its runs are the reference):
 # the corruption mix (100% [mask] instead of 80/10/10) and the target (4x4 sub-patch colours,

@@ -3,7 +3,6 @@
     python -m finetune.compare steps PRETRAIN_RUN FINETUNE_RUN   # scratch steps that cost both runs' FLOPs
                                                                  # (PRETRAIN_RUN/checkpoints/<step>: up to it)
     python -m finetune.compare best RUN [RUN ...]                # the run with the best final val top-1
-    python -m finetune.compare sweep SWEEP_DIR [--out PREFIX]    # the sweep's table
     python -m finetune.compare results EXP_DIR --seeds 0 [1 ...] [--out PREFIX]
 
 Compute is training FLOPs as the tasks count them (`train_flops` in each run's summary.json:
@@ -210,35 +209,6 @@ def compute_figure(exp: Path, res: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
-def sweep_table(sweep: Path) -> tuple[str, dict[str, Any]]:
-    """Every sweep run's lr, warmup and held-out top-1, per arm, and each arm's choice."""
-    out: dict[str, Any] = {}
-    for arm_dir in sorted(p for p in sweep.iterdir() if p.is_dir()):
-        rows = []
-        for run in sorted(p for p in arm_dir.iterdir() if (p / "summary.json").is_file()):
-            cfg = _config(run)
-            rows.append({"run": run.name, "lr": cfg["optim"]["lr"], "warmup_steps": cfg["optim"]["warmup_steps"],
-                         "top1": read_summary(run)["eval"]["top1"]})
-        rows.sort(key=lambda r: (r["lr"], r["warmup_steps"]))
-        out[arm_dir.name] = {"runs": rows, "chosen": max(rows, key=lambda r: r["top1"])}
-    return sweep_markdown(out), out
-
-
-def sweep_markdown(data: dict[str, Any]) -> str:
-    """The sweep's table (the docs show it) from its results.json."""
-    lines = ["| arm | peak lr | warmup steps | held-out top-1 |", "|---|---|---|---|"]
-    for arm, entry in data.items():
-        lines += [f"| {arm} | {r['lr']:g} | {r['warmup_steps']} | {_pct(r['top1'])}"
-                  f"{' (chosen)' if r == entry['chosen'] else ''} |" for r in entry["runs"]]
-    return "\n".join(lines)
-
-
-def _config(run: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((run / "config.yaml").read_text())
-
-
 def _write(prefix: Path, text: str, data: dict[str, Any]) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(prefix.with_suffix(".md"), text + "\n")
@@ -253,9 +223,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("finetune", type=Path)
     p = sub.add_parser("best", help="print the run with the best final val top-1")
     p.add_argument("runs", nargs="+", type=Path)
-    p = sub.add_parser("sweep", help="the sweep's table and choices")
-    p.add_argument("sweep", type=Path)
-    p.add_argument("--out", type=Path)
     p = sub.add_parser("results", help="the experiment's results.json, table and compute figure")
     p.add_argument("exp", type=Path)
     p.add_argument("--seeds", nargs="+", required=True)
@@ -266,11 +233,6 @@ def main(argv: list[str] | None = None) -> None:
             print(matched_steps(args.pretrain, args.finetune))
         elif args.command == "best":
             print(best_run(args.runs))
-        elif args.command == "sweep":
-            text, data = sweep_table(args.sweep)
-            print(text)
-            if args.out:
-                _write(args.out, text, data)
         else:
             res = results(args.exp, args.seeds)
             text = markdown(res)

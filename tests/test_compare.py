@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.compare import REGIMES, main, markdown, matched_steps, results, sweep_markdown
+from finetune.compare import REGIMES, main, markdown, matched_steps, results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,30 +107,9 @@ def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
 
 
 
-def test_sweep_table_lists_every_run_and_picks_the_best(tmp_path):
-    for arm, runs in {"pretrained": [(5e-4, 40, 0.43), (1e-3, 40, 0.45), (1e-3, 100, 0.44)],
-                      "scratch": [(1e-3, 40, 0.2), (5e-4, 40, 0.3)]}.items():
-        for lr, warmup, top1 in runs:
-            run = tmp_path / "sweep" / arm / f"lr{lr}-w{warmup}"
-            fake_run(run, top1, 10, 1e12, 1.0)
-            (run / "config.yaml").write_text(f"optim:\n  lr: {lr}\n  warmup_steps: {warmup}\n")
-    main(["sweep", str(tmp_path / "sweep"), "--out", str(tmp_path / "sweep" / "results")])
-    chosen = json.loads((tmp_path / "sweep" / "results.json").read_text())
-    assert {arm: (c["chosen"]["lr"], c["chosen"]["warmup_steps"]) for arm, c in chosen.items()} == \
-        {"pretrained": (1e-3, 40), "scratch": (5e-4, 40)}
-    table = (tmp_path / "sweep" / "results.md").read_text()
-    assert "| pretrained | 0.001 | 40 | 45.0% (chosen) |" in table and "| scratch | 0.001 | 40 | 20.0% |" in table
-
-
 @pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
 def test_the_docs_show_the_shipped_experiment_results(page):
     """The results table of the README and of docs/results.md is the one `make experiment` wrote to docs/ at this commit."""
     res = json.loads((ROOT / "docs" / "experiment-results.json").read_text())
     assert set(REGIMES) - {"all"} <= res.keys()
     assert markdown(res) in (ROOT / page).read_text()
-
-
-def test_the_docs_show_the_shipped_sweep():
-    """docs/results.md's sweep table is the one `make sweep` wrote to docs/sweep-results.json at this commit."""
-    data = json.loads((ROOT / "docs" / "sweep-results.json").read_text())
-    assert sweep_markdown(data) in (ROOT / "docs" / "results.md").read_text()
