@@ -1,4 +1,4 @@
-"""Shard writing throughput: our writer with 1 and 2 workers vs the webdataset loop people write by hand.
+"""Shard writing throughput: our writer with 1 and 2 workers, as 2 tasks, vs the loop people write by hand.
 
 The source is a folder of full-size JPEGs made once from the shared Imagenette images: the first
 `--images` train images (seeded order), enlarged (bicubic) to about ImageNet's average size,
@@ -8,13 +8,18 @@ shards (shorter side, bicubic, quality 90, `--samples-per-shard` samples each):
   ours, N workers   `write_shards(folder, out, resize=112, workers=N)`: shuffled order, skipped-image
                     accounting, progress file; decodes JPEGs with a DCT draft (libjpeg 1/2, 1/4,
                     1/8 scale, never below 112 px), so it decodes fewer pixels
+  ours, 2 tasks     the same, as 2 independent tasks of 1 worker each (`num_tasks=2`, task 0 and task
+                    1 in two processes forked at once, as two SLURM array tasks would run): each lists
+                    the source and writes every other shard; the last one writes the index
   stock             `wds.ShardWriter(pattern, maxcount=..., verbose=0)` fed by a PIL loop: open,
                     convert RGB, resize the shorter side to 112 (bicubic), save JPEG to bytes,
                     write {"__key__", "jpg", "cls"}; in the same (shuffled) order
 
 The writers take turns, `--repeats` times, so background load hits them alike; the table gives
 median images/s (wall time of the whole write, start-up and source listing included), the
-2-vs-1 worker ratio, ours (1 worker) vs stock, and an extrapolation to ImageNet-1k on 16 cores.
+2-vs-1 worker and 2-tasks-vs-1 ratios, ours (1 worker) vs stock, and an extrapolation to
+ImageNet-1k on 16 cores. It also times the listing pass over the tar archive (`--tar`: every member
+header, no image data; what each task of a tar source repeats before it writes).
 
     python benchmarks/shard_writer.py [--images 400] [--repeats 3] [--size 112]
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -104,6 +110,33 @@ def timed_runs(writers: dict[str, Callable[[Path], int]], repeats: int, scratch:
     return rates
 
 
+def listing_seconds(tar: Path, repeats: int) -> list[float]:
+    """Seconds to open the archive as a source: one pass over its member headers (the train split)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with open_source(str(tar), split="train") as src:
+            len(src)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def as_tasks(write: Callable[..., Any], tasks: int) -> Callable[[Path], int]:
+    """`write(out, num_tasks=tasks, task_index=i)` in `tasks` processes forked at once; the images written."""
+    def run(out: Path) -> int:
+        context = multiprocessing.get_context("fork")
+        procs = [context.Process(target=write, args=(out,), kwargs={"num_tasks": tasks, "task_index": i})
+                 for i in range(tasks)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+            if p.exitcode != 0:
+                raise SystemExit(f"shard_writer: a task exited with {p.exitcode}")
+        return json.loads((out / "index.json").read_text())["total"]
+    return run
+
+
 def same_shards(a: Path, b: Path) -> bool:
     names = sorted(p.name for p in a.glob("shard-*.tar"))
     return names == sorted(p.name for p in b.glob("shard-*.tar")) and all(
@@ -130,20 +163,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     folder = make_full_size_folder(args.tar, args.cache / "full-size", args.images)
     source_mib = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / 2**20
 
-    def ours(workers: int) -> Callable[[Path], int]:
-        return lambda out: write_shards(str(folder), out, resize=args.size, samples_per_shard=args.samples_per_shard,
-                                        workers=workers, progress=False)["total"]
+    def write(out: Path, workers: int = 1, **task: int) -> dict[str, Any] | None:
+        return write_shards(str(folder), out, resize=args.size, samples_per_shard=args.samples_per_shard,
+                            workers=workers, progress=False, **task)
 
     writers = {
-        "ours, 1 worker": ours(1),
-        "ours, 2 workers": ours(2),
+        "ours, 1 worker": lambda out: write(out)["total"],
+        "ours, 2 workers": lambda out: write(out, 2)["total"],
+        "ours, 2 tasks x 1 worker": as_tasks(write, 2),
         "stock wds.ShardWriter + PIL loop": lambda out: stock_writer(folder, out, args.size, args.samples_per_shard),
     }
     with tempfile.TemporaryDirectory(prefix="shard_writer-") as tmp:
         rates = timed_runs(writers, args.repeats, Path(tmp))
-        identical = same_shards(Path(tmp) / "ours-1-worker", Path(tmp) / "ours-2-workers")
+        identical = same_shards(Path(tmp) / "ours-1-worker", Path(tmp) / "ours-2-workers") and same_shards(
+            Path(tmp) / "ours-1-worker", Path(tmp) / "ours-2-tasks-x-1-worker")
+    listing = listing_seconds(args.tar, args.repeats)
     median = {name: statistics.median(r) for name, r in rates.items()}
     one, two, stock = median["ours, 1 worker"], median["ours, 2 workers"], median["stock wds.ShardWriter + PIL loop"]
+    tasks = median["ours, 2 tasks x 1 worker"]
     per_worker = one  # one worker's rate: the unit a linear extrapolation scales
     extrapolated = per_worker * CORES
     report = {
@@ -152,8 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "mib": round(source_mib, 1)},
         "images_per_s": {name: {"median": median[name], "runs": r} for name, r in rates.items()},
         "ratio_2_vs_1_workers": two / one,
+        "ratio_2_tasks_vs_1_worker": tasks / one,
         "ratio_ours_1_worker_vs_stock": one / stock,
-        "identical_output_1_vs_2_workers": identical,
+        "identical_output_1_vs_2_workers_vs_2_tasks": identical,
+        "tar_listing": {"archive": str(args.tar), "mib": round(args.tar.stat().st_size / 2**20, 1),
+                        "seconds": {"median": statistics.median(listing), "runs": listing}},
         "extrapolation": {
             "what": f"ImageNet-1k train ({IMAGENET_IMAGES} images) on {CORES} cores, assuming linear scaling: "
                     f"ours 1-worker images/s x {CORES}; an extrapolation, not a measurement",
@@ -170,8 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("|---|---:|---|---:|")
     for name, r in rates.items():
         print(f"| {name} | {median[name]:.0f} | {', '.join(f'{x:.0f}' for x in r)} | {median[name] / stock:.2f}x |")
-    print(f"\n2 vs 1 workers: {two / one:.2f}x; ours (1 worker) vs stock: {one / stock:.2f}x; "
-          f"1- and 2-worker shards byte-identical: {identical}")
+    print(f"\n2 vs 1 workers: {two / one:.2f}x; 2 tasks vs 1 (1 worker each): {tasks / one:.2f}x; ours (1 worker) vs "
+          f"stock: {one / stock:.2f}x; 1 worker, 2 workers and 2 tasks wrote byte-identical shards: {identical}")
+    print(f"Listing {args.tar.name} ({report['tar_listing']['mib']:.0f} MiB, every member header): "
+          f"{statistics.median(listing):.2f} s (median of {args.repeats})")
     print(f"Extrapolation (not measured): ImageNet-1k, {IMAGENET_IMAGES:,} images, on {CORES} cores at "
           f"{per_worker:.0f} images/s per worker x {CORES} = {extrapolated:.0f} images/s, about "
           f"{report['extrapolation']['minutes']:.0f} min, if scaling were linear (I/O and memory bandwidth "

@@ -55,7 +55,7 @@ def image_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shard_dir(image_folder, tmp_path_factory) -> Path:
-    """`image_folder` written by the shard writer: 39 samples in shards of 5, 24 px."""
+    """`image_folder` written by the shard writer: 39 samples (41 source images) in shards of 5, 24 px."""
     from vitcore.data.shards import write_shards
 
     out = tmp_path_factory.mktemp("shards")

@@ -23,7 +23,9 @@ def test_index_and_shard_contents(shard_dir: Path, image_folder: Path) -> None:
     assert index["total"] == len(CLASSES) * PER_CLASS == sum(s["samples"] for s in index["shards"])
     assert index["classes"] == CLASSES
     assert (index["skipped"], index["resize"], index["quality"], index["seed"]) == (2, 24, 90, 0)
-    assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(8)]
+    # 41 source records, 5 per shard: 9 shards; the 2 unreadable ones leave their shards a sample short.
+    assert [s["name"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(9)]
+    assert sorted(s["samples"] for s in index["shards"]) == [1, 4, 4] + [5] * 6
     skipped = (shard_dir / "skipped.txt").read_text()
     assert "garbage" in skipped and "truncated" in skipped
     assert not list(shard_dir.glob("*.tmp"))
@@ -160,10 +162,10 @@ def test_a_crash_mid_rewrite_leaves_no_stale_index(image_folder: Path, tmp_path:
     assert (out / "index.json").is_file()
     from vitcore.data import shards as shards_module
 
-    def full_disk(self, key: str, files: dict, record: int) -> None:
+    def full_disk(self, key: str, files: dict) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards_module._ShardSink, "add", full_disk)
+    monkeypatch.setattr(shards_module._ShardFile, "add", full_disk)
     with pytest.raises(OSError, match="No space left"):  # an error, not 39 "skipped images"
         write_shards(str(image_folder), out, samples_per_shard=4, progress=False, overwrite=True)
     assert not (out / "index.json").exists()  # readers get "shard index not found", not a mix

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from shard_helpers import write_image_folder
 
-from vitcore.data.shard_resume import PROGRESS_NAME
+from vitcore.data.shard_resume import PLAN_NAME, PROGRESS_DIR
 from vitcore.data.shards import main, shuffled_order, write_shards
 from vitcore.data.sources import FolderSource
 
@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file's bytes, index.json without its `created` time (the one field that may differ)."""
+    """Every output file's bytes (not the writer's progress), index.json without its `created` time
+    (the one field that may differ)."""
     files = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
         data = path.read_bytes()
         if path.name == "index.json":
             index = json.loads(data)
@@ -60,13 +61,16 @@ def test_a_rerun_with_other_arguments_is_refused_and_touches_nothing(source: Pat
     out = tmp_path / "out"
     common = ["--source", str(source), "--out", str(out), "--samples-per-shard", "10", "--workers", "1"]
     main([*common, "--resize", "24"])
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    def files() -> dict[str, tuple[bytes, int]]:
+        return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+    before = files()
     with pytest.raises(SystemExit) as exc:
         main([*common, "--resize", "32", "--no-shuffle"])
     message = str(exc.value.code)  # a string: Python prints it and exits with status 1
     assert "\n" not in message and message.startswith("vit-shards: error: --out")
     assert "written with --resize 24 --shuffle-seed 0, now --resize 32 --no-shuffle" in message
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    assert files() == before
 
     # --workers is not an argument of the output: a rerun with another count keeps every shard.
     shards_before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
@@ -74,18 +78,23 @@ def test_a_rerun_with_other_arguments_is_refused_and_touches_nothing(source: Pat
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == shards_before
     # --overwrite starts over with the new arguments.
     main([*common, "--resize", "32", "--overwrite"])
-    assert json.loads((out / PROGRESS_NAME).read_text())["args"]["resize"] == 32
+    assert json.loads((out / PROGRESS_DIR / PLAN_NAME).read_text())["args"]["resize"] == 32
 
 
-def test_a_damaged_shard_and_the_ones_after_it_are_rewritten(source: Path, tmp_path: Path) -> None:
-    write_shards(str(source), tmp_path / "whole", resize=24, samples_per_shard=5, workers=1, progress=False)
+@pytest.mark.parametrize("size", [{"samples_per_shard": 5}, {"max_bytes": 6000}])
+def test_a_damaged_shard_is_rewritten(source: Path, tmp_path: Path, size: dict[str, int]) -> None:
+    """Fixed-size shards: only the damaged one is written again; byte-cut shards: it and the ones
+    after it (each starts where the one before it ended)."""
+    write_shards(str(source), tmp_path / "whole", resize=24, workers=1, progress=False, **size)
     out = tmp_path / "out"
-    write_shards(str(source), out, resize=24, samples_per_shard=5, workers=1, progress=False)
-    first = (out / "shard-000000.tar").stat().st_ino
+    write_shards(str(source), out, resize=24, workers=1, progress=False, **size)
+    inodes = {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")}
     (out / "shard-000002.tar").write_bytes((out / "shard-000002.tar").read_bytes()[:3000])
     (out / "index.json").unlink()
-    write_shards(str(source), out, resize=24, samples_per_shard=5, workers=2, progress=False)
-    assert (out / "shard-000000.tar").stat().st_ino == first  # kept, not rewritten
+    write_shards(str(source), out, resize=24, workers=2, progress=False, **size)
+    kept = {n for n, inode in inodes.items() if (out / n).stat().st_ino == inode}
+    fixed = "samples_per_shard" in size
+    assert kept == (set(inodes) - {"shard-000002.tar"} if fixed else {"shard-000000.tar", "shard-000001.tar"})
     assert snapshot(out) == snapshot(tmp_path / "whole")
 
 
@@ -125,7 +134,7 @@ def test_a_writer_killed_midway_resumes_to_the_same_files(source: Path, tmp_path
     finally:
         if writer.poll() is None:
             writer.kill()
-    assert not (out / "index.json").exists() and (out / PROGRESS_NAME).exists()
+    assert not (out / "index.json").exists() and (out / PROGRESS_DIR / PLAN_NAME).exists()
     kept = {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")}
     assert 3 <= len(kept) < len(list((tmp_path / "whole").glob("shard-*.tar")))
     assert len(workers) == 2 or not Path(f"/proc/{os.getpid()}/task").exists()

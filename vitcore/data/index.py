@@ -42,15 +42,16 @@ def is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
-def write_index(folder: Path, shards: list[ShardEntry], classes: list[str] | None, **provenance: Any) -> dict[str, Any]:
+def write_index(folder: Path, shards: list[ShardEntry], classes: list[str] | None, created: str | None = None,
+                **provenance: Any) -> dict[str, Any]:
     """Write the index of the `shards` in `folder` atomically and return it; `provenance` (how the
-    shards were made) is stored beside the required fields, followed by the time of writing."""
+    shards were made) is stored beside the required fields, followed by `created` (default: now)."""
     index = {
         "shards": shards,
         "total": sum(s["samples"] for s in shards),
         "classes": classes,
         **provenance,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write_text(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     return index

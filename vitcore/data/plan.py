@@ -57,6 +57,7 @@ import torch
 from braceexpand import braceexpand
 
 from vitcore.data.index import index_path, is_remote, read_index
+from vitcore.data.shard_resume import unfinished
 
 ShardRange = tuple[int, int, int]  # (shard index, first sample, stop): samples start..stop-1 of that shard
 
@@ -70,6 +71,8 @@ def resolve_shards(urls: str | list[str]) -> tuple[list[str], list[int] | None, 
     specs = [urls] if isinstance(urls, str) else list(urls)
     if len(specs) == 1 and not is_remote(specs[0]) and (Path(specs[0]).is_dir() or specs[0].endswith(".json")):
         path = index_path(specs[0])
+        if not path.exists() and (why := unfinished(path.parent)):  # tasks of a shard writer still running
+            raise FileNotFoundError(why)
         index = read_index(path)  # refuses shard names that are not plain files beside it
         folder = path.parent.resolve()  # absolute, which also keeps gopen local
         shards = index["shards"]

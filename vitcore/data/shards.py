@@ -4,19 +4,31 @@
     vit-shards --source torchvision:CIFAR10 --out shards/cifar10-train --samples-per-shard 5000
 
 Samples are shuffled (by index, before anything is decoded) so each shard mixes classes, and every
-image is re-encoded as an RGB JPEG. Unreadable images are skipped and listed in `skipped.txt`.
+image is re-encoded as an RGB JPEG. Unreadable images are skipped and listed in `skipped.txt`; a
+shard holds the readable images among its `--samples-per-shard` source records, so a skipped image
+leaves its shard one sample short and moves no other shard.
 
-`--workers N` (default: all CPUs) decodes, resizes and re-encodes in N processes; the parent reads
-the source, and cuts and writes the shards in the seeded order, so every output byte (shards,
-skipped.txt, index.json but for its `created` time) is the same for any N, with `--max-bytes` too:
-a byte limit is decided in the parent from the encoded sizes, in order, exactly as with one worker.
+`--workers N` (default: the CPUs this process may use) decodes, resizes and re-encodes in N
+processes; the parent reads the source and writes the shards in the seeded order, so every output
+byte (shards, skipped.txt, index.json but for its `created` time) is the same for any N, with
+`--max-bytes` too: a byte limit is decided in the parent from the encoded sizes, in order.
 About one shard's samples (at most 2 x 16 records per worker) are in flight at any time.
 
-A killed writer resumes: run it again with the same arguments (any `--workers`) and it keeps the
-shards it finished (checked against their recorded size and sample count), skips the source
-records they consumed and writes the rest; `.writer-progress.json` records how (see
-`vitcore.data.shard_resume`). Other arguments are refused with one line naming them, and nothing
-is touched; `--overwrite` discards the old progress and writes the folder anew.
+Several machines: `--num-tasks N --task-index I` writes only task I's shards (the I-th of N
+contiguous blocks of them), reading only their source records; without the flags a SLURM array
+(`SLURM_ARRAY_TASK_ID`) or one process per rank (`RANK`/`WORLD_SIZE`, under accelerate launch or
+torchrun) names the task. Which
+records go into which shard depends on the source and the arguments alone, so N tasks write the
+same bytes as one process. The task that finishes the last shard writes index.json; until then
+the folder has none and training refuses it, naming the tasks still missing. `--merge` writes the
+index of a folder whose tasks have all finished (if the last one died before it could).
+`--streaming` reads parquet data (a hub dataset, local files) as a stream, each task from the file
+holding its first record to its last (`vitcore.data.parquet_stream`).
+
+A killed writer (or task) resumes: run it again with the same arguments (any `--workers`) and it
+keeps the shards it finished (checked against their recorded size and sample count) and writes the
+rest; `.writer-progress/` records how (see `vitcore.data.shard_resume`). Other arguments are refused
+with one line naming them, and nothing is touched; `--overwrite` writes the task's shards anew.
 """
 
 from __future__ import annotations
@@ -28,26 +40,26 @@ import os
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from vitcore.atomic import atomic_write_text, commit
-from vitcore.data.index import ShardEntry, remove_index, write_index
-from vitcore.data.shard_resume import FinishedShard, open_progress
+from vitcore.atomic import commit
+from vitcore.data.index import remove_index
+from vitcore.data.shard_resume import (PROGRESS_DIR, SHARD_NAME, SKIPPED_NAME, FinishedShard, Progress,
+                                       open_progress, read_progress, task_shards, unfinished)
 from vitcore.data.shard_workers import chunk_size, encode_jpeg, encode_records
 from vitcore.data.sources import open_source
 from vitcore.data.tar import TAR_BLOCK
 
 log = logging.getLogger(__name__)
 
-SKIPPED_NAME = "skipped.txt"
-SHARD_NAME = "shard-{:06d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 1000
-__all__ = ["encode_jpeg", "shuffled_order", "write_shards", "main"]
+__all__ = ["encode_jpeg", "shuffled_order", "write_shards", "merge", "task_from_env", "main"]
 
 
 def shuffled_order(n: int, seed: int | None, limit: int | None, offset: int = 0,
@@ -73,72 +85,35 @@ def shuffled_order(n: int, seed: int | None, limit: int | None, offset: int = 0,
     return order[:limit] if limit is not None else order
 
 
-class _ShardSink:
-    """Rolls samples into numbered tar shards; each is written under a temporary name, then renamed.
+class _ShardFile:
+    """One shard being written: a tar under a temporary name, renamed into place when finished."""
 
-    It also tracks which source records (positions in the writing order) each shard consumed,
-    skipped images included, and reports every renamed shard to `on_commit`: a resumed writer
-    skips exactly those records and starts the next shard where this one would have.
-    """
+    def __init__(self, out_dir: Path, number: int, start: int) -> None:
+        self.name = SHARD_NAME.format(number)
+        self.path = out_dir / self.name
+        self.start = start  # the first source record (in writing order) it consumes
+        self.samples, self.skipped = 0, []
+        self.tar = tarfile.open(out_dir / f"{self.name}.tmp", "w")
 
-    def __init__(self, out_dir: Path, max_samples: int | None, max_bytes: int | None, *, kept: list[FinishedShard],
-                 on_commit: Callable[[FinishedShard], None]) -> None:
-        self.out_dir, self.max_samples, self.max_bytes = out_dir, max_samples, max_bytes
-        self.shards: list[ShardEntry] = [{"name": s["name"], "samples": s["samples"]} for s in kept]
-        self.on_commit = on_commit
-        self._start = kept[-1]["records"][1] if kept else 0  # first record of the shard being written
-        self._skipped: list[str] = []  # skipped since `_start`
-        self._tar: tarfile.TarFile | None = None
-
-    def add(self, key: str, files: dict[str, bytes], record: int) -> None:
-        """Add the sample of source record `record` (its position in the writing order)."""
-        size = sum(TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK for data in files.values())
-        if self._tar is None or self._full(size):
-            self._roll(record)
+    def add(self, key: str, files: dict[str, bytes]) -> None:
         for ext, data in files.items():
             info = tarfile.TarInfo(f"{key}.{ext}")  # mtime, uid, ... stay 0: the bytes depend on the data only
             info.size, info.mode = len(data), 0o444
-            self._tar.addfile(info, io.BytesIO(data))
-        self.shards[-1]["samples"] += 1
+            self.tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
 
-    def skip(self, line: str) -> None:
-        """Note an unreadable image: it belongs to the shard being written (or the next one)."""
-        self._skipped.append(line)
+    def fits(self, files: dict[str, bytes], max_bytes: int) -> bool:
+        """Whether a sample of these files keeps the shard within `max_bytes` (a first sample always does)."""
+        size = sum(TAR_BLOCK + -(-len(data) // TAR_BLOCK) * TAR_BLOCK for data in files.values())
+        return self.samples == 0 or self.tar.offset + size <= max_bytes
 
-    def _full(self, incoming: int) -> bool:
-        count = self.shards[-1]["samples"]
-        if self.max_samples is not None:
-            return count >= self.max_samples
-        return count > 0 and self._tar.offset + incoming > self.max_bytes
-
-    def _roll(self, record: int) -> None:
-        self._finish(record)
-        name = SHARD_NAME.format(len(self.shards))
-        self._tar = tarfile.open(self.out_dir / f"{name}.tmp", "w")
-        self.shards.append({"name": name, "samples": 0})
-
-    def _finish(self, end: int) -> None:
-        """Close and rename the open shard, which consumed the records before `end`."""
-        if self._tar is None:
-            return
-        self._tar.close()
-        shard = self.shards[-1]
-        path = self.out_dir / shard["name"]
-        commit(self.out_dir / f"{shard['name']}.tmp", path)  # on disk before the index or the progress lists it
-        self.on_commit({"name": shard["name"], "samples": shard["samples"], "bytes": path.stat().st_size,
-                        "records": [self._start, end], "skipped": self._skipped})
-        self._start, self._skipped, self._tar = end, [], None
-
-    def close(self, end: int) -> tuple[list[ShardEntry], list[str]]:
-        """Finish the last shard (its records end at `end`, the total) and delete shards a previous,
-        larger run left behind. Returns the shards and the skipped images no shard accounts for
-        (those of a run where every image was unreadable)."""
-        self._finish(end)
-        written = {s["name"] for s in self.shards}
-        for stale in self.out_dir.glob("shard-*.tar*"):
-            if stale.name not in written:
-                stale.unlink()
-        return self.shards, self._skipped
+    def finish(self, end: int) -> FinishedShard:
+        """Close it and move it into place; it consumed the records before `end`."""
+        self.tar.close()
+        commit(self.path.with_name(f"{self.name}.tmp"), self.path)  # on disk before its record lists it
+        return {"name": self.name, "samples": self.samples, "bytes": self.path.stat().st_size,
+                "records": [self.start, end], "skipped": self.skipped,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def write_shards(
@@ -159,24 +134,34 @@ def write_shards(
     progress: bool = True,
     workers: int | None = None,
     overwrite: bool = False,
-) -> dict[str, Any]:
-    """Write `source` (see `open_source`) as shards into `out_dir` and return the index it wrote.
+    num_tasks: int = 1,
+    task_index: int = 0,
+    streaming: bool = False,
+) -> dict[str, Any] | None:
+    """Write `source` (see `open_source`) as shards into `out_dir`; return the index when the
+    folder is finished, None while other tasks' shards are missing.
 
-    Shards roll over after `samples_per_shard` samples or before exceeding `max_bytes` (default
-    1000 samples). `shuffle_seed=None` keeps the source order. `per_class`, `offset` and `limit`
-    select from that order (see `shuffled_order`). `workers` processes encode (default: all
-    CPUs); the output is the same for any number. A folder a killed writer left is resumed;
-    one written with other arguments raises ValueError unless `overwrite` (see the module
-    docstring). Raises FileNotFoundError for a missing source and ValueError for an empty one
-    or bad options.
+    Shard k holds the readable images among source records [k * samples_per_shard, (k + 1) *
+    samples_per_shard) of the writing order (default 1000 per shard), so an unreadable image
+    leaves its shard one sample short instead of moving every later shard's boundary; or shards
+    roll over before exceeding `max_bytes` (one task only: where a shard ends depends on the bytes
+    of every shard before it). `shuffle_seed=None` keeps the source order. `per_class`, `offset`
+    and `limit` select from that order (see `shuffled_order`). Task `task_index` of `num_tasks`
+    writes a contiguous block of the shards (`task_shards`), reading only their records; whichever
+    task finishes the last shard writes the index. `streaming` reads parquet data as stored (see
+    `vitcore.data.parquet_stream`): it needs `shuffle_seed=None`. `workers` processes encode
+    (default: the CPUs this process may use). The output is the same for any `num_tasks` and
+    `workers`. A folder a killed writer left is resumed; one written with other arguments raises
+    ValueError unless `overwrite` (see the module docstring). Raises FileNotFoundError for a missing source and ValueError for an empty one or
+    bad options.
     """
     if samples_per_shard is not None and max_bytes is not None:
         raise ValueError("give samples_per_shard or max_bytes, not both")
     if max_bytes is None and samples_per_shard is None:
         samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     sizes = {"resize": resize, "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "limit": limit,
-             "per_class": per_class, "workers": workers}
+             "per_class": per_class, "workers": workers, "num_tasks": num_tasks}
     for name, value in sizes.items():
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -184,9 +169,17 @@ def write_shards(
         raise ValueError(f"offset must be >= 0, got {offset}")
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is not one of the {num_tasks} tasks (0..{num_tasks - 1})")
+    if max_bytes is not None and num_tasks > 1:
+        raise ValueError(f"--max-bytes cuts each shard where the bytes of the shards before it end, so one task "
+                         f"writes them all, not {num_tasks}; use --samples-per-shard with several tasks")
 
     out = Path(out_dir)
-    with open_source(source, split=split, labeled=labeled, download_dir=download_dir) as src:
+    with open_source(source, split=split, labeled=labeled, download_dir=download_dir, streaming=streaming) as src:
+        if src.sequential and shuffle_seed is not None:
+            raise ValueError(f"{source} is streamed in its stored order, and a shuffled order would restart the "
+                             "stream at every image: add --no-shuffle (and shuffle the rows when the files are made)")
         if per_class is not None and src.classes is None:
             raise ValueError(f"per_class needs labels, and {source} has none")
         labels = src.labels() if per_class is not None else None
@@ -194,42 +187,105 @@ def write_shards(
         if not order:
             raise ValueError(f"nothing to write: {source} has {len(src)} samples and the selection "
                              f"(offset {offset}, limit {limit}, per_class {per_class}) keeps none")
-        # Everything that decides the output (not `workers`, not `download_dir`), and the source's
-        # size: the same arguments over a folder with new images give another order.
+        # Everything that decides the output (not `workers`, the tasks or `download_dir`), and the
+        # source's size: the same arguments over a folder with new images give another order.
         args = {"source": _source_id(source), "split": split, "resize": resize, "quality": quality,
                 "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "shuffle_seed": shuffle_seed,
                 "limit": limit, "offset": offset, "per_class": per_class, "labeled": labeled,
                 "source_images": len(src)}
-        state = open_progress(out, args, overwrite)  # refuses other arguments before touching anything
+        facts = {"records": len(order), "classes": src.classes, "source": source, "num_tasks": num_tasks}
+        mine = None if samples_per_shard is None else task_shards(-(-len(order) // samples_per_shard), num_tasks,
+                                                                  task_index)
+        state = open_progress(out, args, facts, overwrite, mine)  # refuses other arguments before touching anything
         # Until the new index is written, no index: a crash mid-rewrite must not leave an old
         # index describing a mix of old and new shards.
         remove_index(out)
-        sink = _ShardSink(out, samples_per_shard, max_bytes, kept=state.shards[:], on_commit=state.add)
-        done = state.consumed
-        if done:
-            log.info("resuming %s: %d shards (%d of %d records) already written%s", out, len(state.shards), done,
-                     len(order), "; nothing left to write" if done == len(order) else "")
+        plan, total = _unfinished(state, len(order), samples_per_shard, mine)
+        todo = sum(stop - start for _, start, stop in plan)
+        if total > todo:
+            log.info("resuming %s: %d of %d records already in finished shards%s", out, total - todo, total,
+                     "; nothing left to write" if not todo else "")
         # No more processes than there are chunks to encode: a small folder needs no pool of 64.
         chunk = chunk_size(workers, samples_per_shard)
-        procs = min(workers, -(-(len(order) - done) // chunk))
-        encoded = encode_records(src.read(order[done:]), resize, quality, procs, chunk)
-        bar = tqdm(encoded, total=len(order), initial=done, unit="img", desc=f"shards -> {out}",
+        procs = max(1, min(workers, -(-todo // chunk)))
+        records = src.read(order[r] for _, start, stop in plan for r in range(start, stop))
+        encoded = encode_records(records, resize, quality, procs, chunk)
+        task = f" (task {task_index} of {num_tasks})" if num_tasks > 1 else ""
+        bar = tqdm(encoded, total=total, initial=total - todo, unit="img", desc=f"shards -> {out}{task}",
                    disable=not progress, smoothing=0.1)
         with closing(encoded), bar:  # an error here (a full disk) stops the workers now, not at garbage collection
-            for record, sample in enumerate(bar, start=done):
-                if sample.files is None:
-                    sink.skip(f"{sample.key}\t{sample.error}")
-                else:
-                    sink.add(sample.key, sample.files, record)
-        shards, unaccounted = sink.close(len(order))
-        skipped = state.skipped + unaccounted
-        classes = src.classes
-
-    _write_skipped(out / SKIPPED_NAME, skipped)
-    if not any(s["samples"] for s in shards):
+            samples = iter(bar)
+            for number, start, stop in plan:
+                shard = _ShardFile(out, number, start)
+                for record in range(start, stop):
+                    sample = next(samples)
+                    if sample.files is None:
+                        shard.skipped.append(f"{sample.key}\t{sample.error}")
+                        continue
+                    if max_bytes is not None and not shard.fits(sample.files, max_bytes):
+                        state.add(number, shard.finish(record))
+                        number += 1
+                        shard = _ShardFile(out, number, record)
+                    shard.add(sample.key, sample.files)
+                state.add(number, shard.finish(stop))
+    index = state.finish()
+    if index is not None and not index["total"]:
         raise ValueError(f"no readable images in {source}; see {out / SKIPPED_NAME}")
-    return write_index(out, shards, classes, source=source, split=split, resize=resize, quality=quality,
-                       seed=shuffle_seed, skipped=len(skipped), limit=limit, offset=offset, per_class=per_class)
+    if index is not None and index["skipped"]:
+        log.warning("skipped %d unreadable images, listed in %s", index["skipped"], out / SKIPPED_NAME)
+    return index
+
+
+def _unfinished(state: Progress, records: int, samples_per_shard: int | None,
+                mine: list[int] | None) -> tuple[list[tuple[int, int, int]], int]:
+    """What is left to write: (shard number, first record, end record) for each shard of this task's
+    that is not finished and intact (byte-cut shards: one entry, from the end of the intact ones
+    on, numbers counting up as they are cut), and the records this task's shards hold in all."""
+    finished = state.finished()  # every task's; only this task's own are checked on disk
+
+    def done(k: int) -> bool:
+        return k in finished and state.intact(k, finished[k])
+
+    if samples_per_shard is not None:
+        ranges = [(k, k * samples_per_shard, min(records, (k + 1) * samples_per_shard)) for k in mine]
+        return [r for r in ranges if not done(r[0])], sum(stop - start for _, start, stop in ranges)
+    kept = 0  # byte-cut shards continue each other: keep the intact ones up to the first that is not
+    while done(kept) and finished[kept]["records"][0] == (finished[kept - 1]["records"][1] if kept else 0):
+        kept += 1
+    first = finished[kept - 1]["records"][1] if kept else 0
+    return ([(kept, first, records)] if first < records else []), records
+
+
+def merge(out_dir: str | Path) -> dict[str, Any]:
+    """Write the index.json of a folder whose tasks have all finished (the last task does it itself;
+    this is for a folder whose last task died between its last shard and the index). Raises
+    ValueError naming the missing shards and tasks while some are."""
+    out = Path(out_dir)
+    state = read_progress(out)
+    if state is None:
+        raise ValueError(f"{out} has no shard writer's plan ({PROGRESS_DIR}/plan.json): nothing to merge")
+    index = state.finish()
+    if index is None:
+        raise ValueError(unfinished(out))
+    return index
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (its affinity: a SLURM allocation or a container's share), divided
+    among the local processes of a launch (`LOCAL_WORLD_SIZE`, set by accelerate launch and torchrun)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def task_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(num_tasks, task_index) from a SLURM array (`--array=0-N`, any contiguous range or step) or a
+    launch with one process per rank (`RANK`/`WORLD_SIZE`: accelerate launch, torchrun); (1, 0) otherwise."""
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+        return int(env["SLURM_ARRAY_TASK_COUNT"]), (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"]), int(env["RANK"])
+    return 1, 0
 
 
 def _source_id(source: str) -> str:
@@ -237,14 +293,6 @@ def _source_id(source: str) -> str:
     (and the same relative name from another folder is not); other specs as given."""
     path = Path(source)
     return str(path.resolve()) if ":" not in source and path.exists() else source
-
-
-def _write_skipped(path: Path, skipped: list[str]) -> None:
-    if skipped:
-        atomic_write_text(path, "\n".join(skipped) + "\n")
-        log.warning("skipped %d unreadable images, listed in %s", len(skipped), path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _byte_size(text: str) -> int:
@@ -256,7 +304,7 @@ def _byte_size(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vit-shards", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="folder, tar archive, data file, hf:NAME or torchvision:NAME")
+    p.add_argument("--source", help="folder, tar archive, data file, hf:NAME or torchvision:NAME")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar and index.json")
     p.add_argument("--split", help="folder inside the source (e.g. train), or the dataset split")
     p.add_argument("--resize", type=int, help="shrink the shorter side to this many pixels, keeping aspect")
@@ -274,18 +322,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int,
                    help="only the first N samples of each class (after shuffling): a class-balanced subset")
     p.add_argument("--unlabeled", action="store_true", help="ignore class folders; write images only")
+    p.add_argument("--streaming", action="store_true",
+                   help="read parquet data (hf:NAME, a .parquet file or a folder of them) as a stream, never "
+                        "materialised; needs --no-shuffle")
     p.add_argument("--download-dir", default="data", help="where torchvision datasets are downloaded")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes that decode and encode (default: all CPUs); the output is the same for any N")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that decode and encode (default: the CPUs this process may use, shared among "
+                        "a launch's local processes); the output is the same for any N")
     p.add_argument("--overwrite", action="store_true",
-                   help="write the folder anew even if it was written (or begun) with other arguments")
+                   help="write the folder (this task's shards) anew even if written or begun with other arguments")
+    p.add_argument("--num-tasks", type=int,
+                   help="split the work into N tasks (default: a SLURM array's size, WORLD_SIZE, or 1)")
+    p.add_argument("--task-index", type=int, help="which task this is, 0..N-1 (default: from SLURM or RANK)")
+    p.add_argument("--merge", action="store_true",
+                   help="only write the index of --out, whose tasks have all finished (the last task does it itself)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`vit-shards`)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.merge:
+        try:
+            index = merge(args.out)
+        except ValueError as exc:
+            raise SystemExit(f"vit-shards: error: {exc}") from None
+        print(f"wrote {args.out}/index.json: {index['total']} samples in {len(index['shards'])} shards")
+        return
+    if args.source is None:
+        parser.error("--source is required (except with --merge)")
+    if (args.num_tasks is None) != (args.task_index is None):
+        parser.error("give --num-tasks and --task-index together")
+    num_tasks, task_index = task_from_env() if args.num_tasks is None else (args.num_tasks, args.task_index)
     try:
         index = write_shards(
             args.source,
@@ -303,9 +373,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             download_dir=args.download_dir,
             workers=args.workers,
             overwrite=args.overwrite,
+            num_tasks=num_tasks,
+            task_index=task_index,
+            streaming=args.streaming,
         )
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"vit-shards: error: {exc}") from None
+    if index is None:
+        print(f"task {task_index} of {num_tasks} wrote its shards to {args.out}; the task that finishes last "
+              f"writes index.json")
+        return
     classes = index["classes"]
     print(
         f"wrote {index['total']} samples in {len(index['shards'])} shards to {args.out}"

@@ -51,6 +51,7 @@ class Source(ABC):
 
     description: str
     classes: list[str] | None
+    sequential = False  # True: reads fast only in its stored order (a stream), so it is not shuffled
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -203,6 +204,28 @@ class TarSource(_PathListSource):
             self._plain.close()
 
 
+def hf_columns(features: Any, description: str) -> tuple[str, str | None, list[str] | None]:
+    """A `datasets` feature set's first Image column, its first ClassLabel column (None: unlabeled)
+    and that label's class names in id order."""
+    import datasets
+
+    image_col = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+    if image_col is None:
+        raise ValueError(f"{description} has no Image column (columns: {list(features)})")
+    label_col = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    return image_col, label_col, None if label_col is None else unique_class_names(features[label_col].names)
+
+
+def hf_record(i: int, row: dict[str, Any], image_col: str, label_col: str | None) -> Record:
+    """Row `i` of a `datasets` table whose image column is not decoded, as a record keyed by `i`."""
+    image = row[image_col]
+    data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+    target = None if label_col is None else row[label_col]
+    # HF marks an unlabeled row with -1: written without a label (MPP can use it; a labeled
+    # stream skips and counts it), never as the last class by negative indexing.
+    return Record(f"{i:08d}", data, None if target is None or target < 0 else int(target))
+
+
 class HFSource(Source):
     """A Hugging Face `datasets` split: the first Image column, and the first ClassLabel as label.
 
@@ -212,15 +235,10 @@ class HFSource(Source):
     def __init__(self, dataset: Any, description: str) -> None:
         import datasets
 
-        features = dataset.features
-        image_col = next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
-        if image_col is None:
-            raise ValueError(f"{description} has no Image column (columns: {list(features)})")
-        label_col = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        image_col, label_col, self.classes = hf_columns(dataset.features, description)
         if len(dataset) == 0:
             raise ValueError(f"no images found in {description}")
         self.description = description
-        self.classes = None if label_col is None else unique_class_names(features[label_col].names)
         # Encoded bytes (or a file path) instead of decoded images: the writer re-encodes anyway.
         self._data = dataset.cast_column(image_col, datasets.Image(decode=False))
         self._image_col, self._label_col = image_col, label_col
@@ -235,14 +253,7 @@ class HFSource(Source):
 
     def read(self, order: Iterable[int]) -> Iterator[Record]:
         for i in order:
-            row = self._data[int(i)]
-            image = row[self._image_col]
-            data = image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
-            target = None if self._label_col is None else row[self._label_col]
-            # HF marks an unlabeled row with -1: written without a label (MPP can use it; a
-            # labeled stream skips and counts it), never as the last class by negative indexing.
-            label = None if target is None or target < 0 else int(target)
-            yield Record(f"{i:08d}", data, label)
+            yield hf_record(int(i), self._data[int(i)], self._image_col, self._label_col)
 
 
 def open_hf(name_or_path: str, split: str | None) -> HFSource:
@@ -317,8 +328,10 @@ def open_source(
     split: str | None = None,
     labeled: bool | None = None,
     download_dir: str | Path = "data",
+    streaming: bool = False,
 ) -> Source:
-    """Open a source from its spec.
+    """Open a source from its spec; `streaming` reads parquet data (`hf:NAME`, a .parquet file or a
+    folder of them) as it is stored, without materialising it (see `vitcore.data.parquet_stream`).
 
     - `hf:NAME_OR_PATH`: a Hugging Face dataset (hub name, local file/folder, or save_to_disk folder)
     - `torchvision:NAME`: a torchvision dataset class, downloaded into `download_dir`
@@ -328,6 +341,10 @@ def open_source(
     - a folder: saved HF dataset if it has one's markers, otherwise an image folder (`split` = subfolder)
     - a `.parquet/.arrow/.csv/.json/.jsonl` file: loaded with `datasets`
     """
+    if streaming:
+        from vitcore.data.parquet_stream import open_stream  # it builds on this module's Source
+
+        return open_stream(spec, split)
     if spec.startswith("hf:"):
         return open_hf(spec[3:], split)
     if spec.startswith("torchvision:"):
