@@ -96,6 +96,7 @@ def test_the_task_comes_from_a_slurm_array_or_the_launcher() -> None:
                           "SLURM_ARRAY_TASK_STEP": "2", "RANK": "0", "WORLD_SIZE": "1"}) == (8, 2)
 
 
+@pytest.mark.slow  # 7 processes and a launcher: about a minute on 2 cores (make test-all)
 def test_real_data_as_processes_a_slurm_array_and_under_accelerate_launch(tmp_path: Path) -> None:
     """CIFAR-10 images: 1 process; 2 and 3 tasks as concurrent processes (3 of them through
     launch/shards_slurm.sh with SLURM's array variables); 2 ranks of accelerate launch."""
@@ -150,7 +151,7 @@ def test_a_task_killed_midway_resumes_to_the_same_files(source: Path, tmp_path: 
     task1 = subprocess.Popen([*cmd, "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "shard-000004.tar").exists():
+        while not (out / PROGRESS_DIR / "shard-000004.json").exists():  # the shard and its record
             assert task1.poll() is None and time.monotonic() < deadline, "task 1 wrote no shards"
             time.sleep(0.05)
         time.sleep(0.3)  # let it run into the FIFO
@@ -228,3 +229,33 @@ def test_a_streamed_parquet_source_writes_what_the_materialised_one_does(parquet
         main(["--source", str(tmp_path / "materialised"), "--out", str(tmp_path / "x"), "--streaming", "--no-shuffle"])
     with pytest.raises(SystemExit, match="--streaming reads parquet data .*, not .*cifar"):
         main(["--source", "cifar10.tar", "--out", str(tmp_path / "x"), "--streaming", "--no-shuffle"])
+
+
+def test_a_task_killed_on_real_data_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """Task 1 of 2 on CIFAR-10 images is SIGKILLed as soon as its first shard is recorded (of six;
+    wherever it is then), and run again: the folder comes out as one process writes it."""
+    if not CIFAR_TAR.is_file():
+        pytest.skip(f"needs {CIFAR_TAR}")
+    args = ["--source", str(CIFAR_TAR), "--split", "train", "--limit", "3000", "--samples-per-shard", "250",
+            "--workers", "1"]
+    main([*args, "--out", str(tmp_path / "one")])
+    out = tmp_path / "tasks"
+    cmd = [sys.executable, "-m", "vitcore.data.shards", *args, "--out", str(out), "--num-tasks", "2", "--task-index"]
+    main([*args, "--out", str(out), "--num-tasks", "2", "--task-index", "0"])
+    task1 = subprocess.Popen([*cmd, "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # Its record, not only the shard: a kill between the shard's rename and its record (a few ms)
+        # leaves a shard the rerun cannot trust, so it writes that one again too (and says no "resuming").
+        while not (out / PROGRESS_DIR / "shard-000006.json").exists():
+            assert task1.poll() is None and time.monotonic() < deadline, "task 1 wrote no shard"
+            time.sleep(0.01)
+        task1.send_signal(signal.SIGKILL)
+        assert task1.wait() == -signal.SIGKILL
+    finally:
+        if task1.poll() is None:
+            task1.kill()
+    assert not (out / "index.json").exists()  # killed part-way: its last shards are missing
+    rerun = subprocess.run([*cmd, "1"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr
+    assert digests(out) == digests(tmp_path / "one")

@@ -122,7 +122,7 @@ def test_a_writer_killed_midway_resumes_to_the_same_files(source: Path, tmp_path
         writer = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "shard-000002.tar").exists():
+        while not (out / PROGRESS_DIR / "shard-000002.json").exists():  # the shard and its record
             assert writer.poll() is None, (tmp_path / "log.txt").read_text()
             assert time.monotonic() < deadline, "the writer wrote no shards"
             time.sleep(0.05)
