@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import real_images
@@ -131,13 +132,24 @@ def test_the_model_card_has_recipe_steps_and_measured_accuracy(classifier, tmp_p
     assert f"| val top-1 | {summary['eval']['top1']:.1%} |" in card
     assert "for these weights (step 4)" in card and "| evaluated images | 100 |" in card
     assert "lr: 0.05" in card and "steps: 4" in card and "pooling: cls" in card  # the recipe, as YAML
-    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in card
+    assert 'timm.create_model("hf-hub:USER/export", pretrained=True)' in card and '"local-dir:export"' in card
+    assert "`hf upload USER/export export .`" in card
+    # Ready for the Hub: its YAML header, and no path of this machine (the runs and shards live in tmp_path)
+    assert card.startswith("---\n")
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header == {"library_name": "timm", "tags": ["image-classification", "timm", "vit-mpp"],
+                      "pipeline_tag": "image-classification", "metrics": ["accuracy"]}
+    assert str(tmp_path.parent.parent) not in card and "/tmp" not in card
+    assert f"`{classifier.name}/checkpoints/" in card and f"`{classifier.name}/summary.json`" in card
 
-    # a checkpoint outside its run (no summary.json) says so
+    # a checkpoint outside its run (no summary.json) says so; a license goes into the header
     alone = tmp_path / "copied"
     shutil.copytree(checkpoint.resolve(classifier), alone)
-    main(["--checkpoint", str(alone), "--out", str(tmp_path / "export2")])
-    assert "No measured accuracy" in (tmp_path / "export2" / "README.md").read_text()
+    main(["--checkpoint", str(alone), "--out", str(tmp_path / "export2"), "--license", "apache-2.0"])
+    card = (tmp_path / "export2" / "README.md").read_text()
+    assert "No measured accuracy" in card and "/tmp" not in card
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["license"] == "apache-2.0" and "metrics" not in header
 
 
 def test_errors_are_one_line(classifier, tmp_path):

@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from vitcore import checkpoint, rundir
 from vitcore.atomic import atomic_write_text, commit
+from vitcore.data.index import read_index
 from vitcore.data.transforms import EVAL_CROP_FRACTION, MEAN, STD
 from vitcore.model.pretrained import load_model
 from vitcore.model.vit import ViT, to_timm_state_dict
@@ -105,18 +106,63 @@ def run_dir_of(ckpt: Path) -> Path | None:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
 
 
-def model_card(vit: ViT, meta: dict[str, Any], config: dict[str, Any], ckpt: Path, out: Path) -> str:
-    """The README.md beside the weights: what the model is, how to load it, its recipe, data, steps and
-    the accuracy its run measured (from the run's summary.json, when the run finished)."""
+def public(value: Any) -> Any:
+    """`value` with every absolute path in it cut to its last two parts (`.../imagenette-112/train`;
+    a checkpoint's three: `.../pretrain/checkpoints/best`): a card names runs and datasets, never the
+    folders of the machine that exported it."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [public(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        parts = Path(value).parts
+        keep = 3 if len(parts) > 2 and parts[-2] == "checkpoints" else 2  # a checkpoint by its run's name
+        return ".../" + "/".join(parts[-keep:])
+    return value
+
+
+def front_matter(vit: ViT, recipe: dict[str, Any], measured: bool, license: str | None) -> list[str]:
+    """The Hub's YAML header: library, license (only when given), tags, task, datasets where the
+    shards name a Hub dataset (`hf:NAME` in their index.json), metrics when the run measured some."""
+    header: dict[str, Any] = {"library_name": "timm"}
+    if license:
+        header["license"] = license
+    header["tags"] = ["image-classification", "timm", "vit-mpp"]
+    header["pipeline_tag"] = "image-classification" if vit.cfg.num_classes else "image-feature-extraction"
+    datasets = []
+    for section in ("data", "eval"):
+        shards = (recipe.get(section) or {}).get("shards")
+        try:
+            source = str(read_index(shards).get("source", "")) if isinstance(shards, str) else ""
+        except (OSError, ValueError):
+            source = ""  # shards moved or remote: the card says less, and nothing wrong
+        if source.startswith("hf:") and source[3:] not in datasets:
+            datasets.append(source[3:])
+    if datasets:
+        header["datasets"] = datasets
+    if measured:
+        header["metrics"] = ["accuracy"]
+    return ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", ""]
+
+
+def model_card(vit: ViT, meta: dict[str, Any], config: dict[str, Any], ckpt: Path, out: Path,
+               license: str | None = None) -> str:
+    """The README.md beside the weights, ready for the Hugging Face Hub: its YAML header, what the
+    model is, how to load and upload it, its recipe, data, steps and the accuracy its run measured
+    (from the run's summary.json, when the run finished). It names runs and dataset folders, never
+    an absolute path."""
     cfg, arch, recipe = vit.cfg, meta["arch"], meta.get("config", {})
     h, w = cfg.image_size
     stored = "x".join(map(str, arch["image_size"]))
     head = (f"{cfg.num_classes}-class linear head on the {'[CLS] token' if cfg.pool == 'cls' else 'mean patch token'}"
             if cfg.num_classes else f"none: num_classes=0, the model returns {cfg.dim}-d pooled features")
-    data = recipe.get("data", {}).get("shards", "?")
-    evaluation = (recipe.get("eval") or {}).get("shards")
+    data = public(recipe.get("data", {}).get("shards", "?"))
+    evaluation = public((recipe.get("eval") or {}).get("shards"))
     stage = meta.get("stage", "?")
-    lines = [
+    run = run_dir_of(ckpt)
+    where = f"{run.name}/checkpoints/{ckpt.name}" if run is not None else ckpt.name
+    measured = _measured(meta, ckpt)
+    lines = front_matter(vit, recipe, not measured[0].startswith("No measured"), license) + [
         f"# {out.resolve().name}: ViT {arch.get('variant', '')} ({stage} checkpoint, step {meta['step']})", "",
         "Exported with `python -m vitcore.model.export`.", "",
         "| | |", "|---|---|",
@@ -125,29 +171,31 @@ def model_card(vit: ViT, meta: dict[str, Any], config: dict[str, Any], ckpt: Pat
         f"| input | {h}x{w} RGB, mean {list(MEAN)}, std {list(STD)} (pixels in [-1, 1]); bilinear resize of the "
         f"shorter side to size / {EVAL_CROP_FRACTION}, centre crop |",
         f"| head | {head} |",
-        f"| checkpoint | `{ckpt}` (stage {stage}, step {meta['step']}, "
+        f"| checkpoint | `{where}` (stage {stage}, step {meta['step']}, "
         f"{meta.get('samples', '?')} samples; trained at {stored} px"
         + ("" if tuple(arch["image_size"]) == (h, w) else f", position embeddings resampled to {h}x{w} for export")
         + ") |",
         f"| training data | `{data}`" + (f"; evaluation data `{evaluation}`" if evaluation else "") + " |",
     ]
     if meta.get("init_from"):
-        lines.append(f"| initialised from | `{meta['init_from']}` |")
+        lines.append(f"| initialised from | `{public(str(meta['init_from']))}` |")
     if meta.get("classes") and cfg.num_classes:
         names = ", ".join(meta["classes"][:20]) + (", ..." if len(meta["classes"]) > 20 else "")
         lines.append(f"| classes | {names} |")
     steps = (recipe.get("run") or {}).get("steps")
     lines += ["", "## Use", "", "```python", "import timm", "from PIL import Image", "",
-              f'model = timm.create_model("local-dir:{out}", pretrained=True).eval()',
+              f'model = timm.create_model("hf-hub:USER/{out.resolve().name}", pretrained=True).eval()'
+              f'  # or "local-dir:{out.resolve().name}" from the folder that holds it',
               "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
               'out = model(transform(Image.open("image.jpg").convert("RGB"))[None])'
               + ("  # (1, classes) logits" if cfg.num_classes else "  # (1, dim) features"), "```", "",
-              "## Measured", ""]
-    lines += _measured(meta, ckpt)
+              f"Upload this folder to the Hub (after `hf auth login`): `hf upload USER/{out.resolve().name} "
+              f"{out.resolve().name} .`", "", "## Measured", ""]
+    lines += measured
     lines += ["", "## Recipe", "",
               f"{meta['step']} steps" + (f" of a {steps}-step run" if steps else "")
               + f", {meta.get('samples', '?')} samples; the checkpoint's config (meta.json):", "",
-              "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+              "```yaml", yaml.safe_dump(public(recipe), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -156,7 +204,7 @@ def _measured(meta: dict[str, Any], ckpt: Path) -> list[str]:
     run = run_dir_of(ckpt)
     try:
         if run is None:
-            raise FileNotFoundError(f"{ckpt} is not inside a run's checkpoints/ directory, so no summary.json")
+            raise FileNotFoundError(f"{ckpt.name} is not inside a run's checkpoints/ directory, so no summary.json")
         result = rundir.read_run(run)
     except (FileNotFoundError, ValueError) as e:
         return [f"No measured accuracy: {e}."]
@@ -165,7 +213,7 @@ def _measured(meta: dict[str, Any], ckpt: Path) -> list[str]:
         which = f"these weights (step {step})"
     else:
         which = f"the run's final weights (step {summary.get('steps')}), not this checkpoint (step {step})"
-    lines = [f"From `{run / 'summary.json'}`, for {which}. Training metrics are means over the run's last "
+    lines = [f"From `{run.name}/summary.json`, for {which}. Training metrics are means over the run's last "
              "logging window, evaluation metrics the final weights' on the evaluation set, probe metrics "
              "the monitor's last scores.", "",
              "| metric | value |", "|---|---|"]
@@ -182,8 +230,10 @@ def _measured(meta: dict[str, Any], ckpt: Path) -> list[str]:
     return lines
 
 
-def export(path: str | Path, out: str | Path, image_size: tuple[int, int] | None = None) -> Path:
-    """Write `out`/model.safetensors, config.json and README.md for the checkpoint at `path`; returns `out`."""
+def export(path: str | Path, out: str | Path, image_size: tuple[int, int] | None = None,
+           license: str | None = None) -> Path:
+    """Write `out`/model.safetensors, config.json and README.md (with `license` in its Hub header,
+    when given) for the checkpoint at `path`; returns `out`."""
     ckpt = checkpoint.resolve(path)
     vit, meta = load_model(ckpt, image_size)
     out = Path(out)
@@ -197,7 +247,7 @@ def export(path: str | Path, out: str | Path, image_size: tuple[int, int] | None
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / CARD, model_card(vit, meta, config, ckpt, out))
+    atomic_write_text(out / CARD, model_card(vit, meta, config, ckpt, out, license))
     return out
 
 
@@ -207,12 +257,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="the folder to write (created; its three files replaced)")
     parser.add_argument("--image-size", type=int, nargs="+", metavar="S",
                         help="one size (square) or height width; default: the checkpoint's resolution")
+    parser.add_argument("--license", help="the model card's license for the Hub (an id such as apache-2.0 or mit); "
+                                           "default: none given (the weights' data has terms of its own)")
     args = parser.parse_args(argv)
     if args.image_size is not None and len(args.image_size) > 2:
         parser.error("--image-size takes one size (square) or two (height width)")
     size = None if args.image_size is None else (args.image_size[0], args.image_size[-1])
     try:
-        out = export(args.checkpoint, args.out, size)
+        out = export(args.checkpoint, args.out, size, args.license)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"exported {checkpoint.resolve(args.checkpoint)} to {out} "
