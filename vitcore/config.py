@@ -14,6 +14,7 @@ that no YAML rule (booleans, numbers, dates) can change the word a user typed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -130,6 +131,9 @@ class RunConfig:
     # How long a rank waits in a collective before the run fails (torch's default is 10 min for NCCL):
     # covers the slowest wait there is, rank 0 reading a checkpoint or a shard index on a slow filesystem.
     collective_timeout_s: int = 1800
+    # Where scalars and images go besides metrics.jsonl (always written): tensorboard, wandb (pip
+    # install -e '.[wandb]'), both or none ([]); see vitcore/train/sinks.py
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self, key: str) -> None:
         check(self.steps > 0, f"{key}.steps", "must be positive")
@@ -145,6 +149,11 @@ class RunConfig:
               f"{key}.best_metric", f"{self.best_metric!r} is not val/<name> or probe/<name>")
         check(self.best_mode in (None, "max", "min"), f"{key}.best_mode", f"{self.best_mode!r} is not one of max, min")
         check(bool(self.resume), f"{key}.resume", "must be auto, never or a checkpoint directory")
+        unknown = [n for n in self.log_with if n not in ("tensorboard", "wandb")]
+        check(not unknown, f"{key}.log_with", f"{unknown[0] if unknown else ''!r} is not one of tensorboard, wandb "
+                                              "(metrics.jsonl is always written)")
+        check("wandb" not in self.log_with or importlib.util.find_spec("wandb") is not None, f"{key}.log_with",
+              "wandb is not installed: pip install -e '.[wandb]'")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from torch.distributed.tensor import DTensor
 
 from vitcore import checkpoint, sharding
-from vitcore.config import ConfigError, load_config
+from vitcore.config import ConfigError, load_config, to_dict
 from vitcore.data import ShardStream
 from vitcore.data.pipeline import BrokenData
 from vitcore.data.classes import check_same_classes
@@ -152,7 +152,7 @@ class Trainer:
         model, optimizer, progress = self.state.restore(Path(resume_from) if resume_from else None)
         self.model = model  # kept for callers that inspect the trained model
         log = self._logger = RunLogger(Path(cfg.run.out_dir), total, progress.step, accel.is_main_process,
-                                       task.bar_keys)
+                                       task.bar_keys, tuple(cfg.run.log_with), to_dict(cfg))
         for line in task.log_lines:
             log.message(line)
         if progress.step:

@@ -1,9 +1,10 @@
-"""What a run reports as it goes: a progress bar, TensorBoard scalars and images, metrics.jsonl
-and, at the end, summary.json (both through `vitcore.rundir`).
+"""What a run reports as it goes: a progress bar, printed evaluations, scalars and images to its
+sinks (metrics.jsonl always; TensorBoard and W&B as `run.log_with` says: `vitcore.train.sinks`)
+and, at the end, summary.json (through `vitcore.rundir`).
 
-TensorBoard groups scalars by prefix: `train/` (loss, the task's metrics, lr, gradient norm),
-`sys/` (throughput, data wait, FLOP/s, MFU, skipped samples), `val/` (evaluations) and `probe/`
-(the feature monitor). metrics.jsonl keeps the training scalars under their bare names (`loss`,
+Scalars are grouped by prefix: `train/` (loss, the task's metrics, lr, gradient norm), `sys/`
+(throughput, data wait, FLOP/s, MFU, skipped samples), `val/` (evaluations) and `probe/` (the
+feature monitor). metrics.jsonl keeps the training scalars under their bare names (`loss`,
 `img_s`, ...) and evaluation and probe scalars under `val/...` and `probe/...`.
 
 Only the main process writes; on other ranks every method is a no-op, so the engine calls them
@@ -20,16 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from vitcore import rundir
-
-# Training scalars that describe the machine rather than the model: TensorBoard's `sys/` group
-SYSTEM_SCALARS = frozenset({"img_s", "img_s_per_rank", "data_wait", "tflops_per_rank", "mfu", "skipped_samples"})
+from vitcore.train.sinks import open_sinks
 
 
 class RunLogger:
-    """`bar_keys`: the training scalars shown in the progress bar (the task chooses them)."""
+    """`bar_keys`: the training scalars shown in the progress bar (the task chooses them); `sinks`:
+    `run.log_with`; `config`: the resolved config, for the sinks that show it (W&B)."""
 
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool,
-                 bar_keys: tuple[str, ...] = ("loss", "img_s")) -> None:
+                 bar_keys: tuple[str, ...] = ("loss", "img_s"), sinks: tuple[str, ...] = ("tensorboard",),
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.bar_keys = bar_keys
         self.out_dir = out_dir
@@ -37,12 +38,7 @@ class RunLogger:
         self.last: dict[str, Any] = {}
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, main process only
-
-        # purge_step: TensorBoard hides events an earlier run in this dir logged after the step we
-        # resume from (that step itself was logged before its checkpoint, and is not logged again).
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1)
-        rundir.truncate_metrics(out_dir, start_step)
+        self.sinks = open_sinks(list(sinks), out_dir, start_step, config or {})
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self) -> None:
@@ -50,25 +46,22 @@ class RunLogger:
             self.bar.update(1)
 
     def log(self, step: int, samples: int, scalars: dict[str, float]) -> None:
-        """One logging step: TensorBoard (x-axis = optimizer step), metrics.jsonl, the bar."""
+        """One logging step: the sinks (x-axis = optimizer step), the bar."""
         self.last = {"step": step, "samples": samples, **scalars}
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"{'sys' if name in SYSTEM_SCALARS else 'train'}/{name}", value, step)
-        rundir.append_metrics(self.out_dir, self.last)
+        for sink in self.sinks:
+            sink.scalars(step, samples, "train", scalars)
         self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in self.bar_keys if k in scalars}, refresh=False)
 
     def log_section(self, section: str, step: int, samples: int, scalars: dict[str, float], count: float) -> None:
-        """An evaluation (`val`) or the feature monitor's scores (`probe`): TensorBoard under
-        `<section>/`, a metrics.jsonl row of their own, and the accuracies (keys with top1/top5) or
-        else every scalar as one printed line."""
+        """An evaluation (`val`) or the feature monitor's scores (`probe`): the sinks under
+        `<section>/` (in metrics.jsonl a row of their own), and the accuracies (keys with top1/top5)
+        or else every scalar as one printed line."""
         if not self.enabled:
             return
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"{section}/{name}", value, step)
-        rundir.append_metrics(self.out_dir, {"step": step, "samples": samples,
-                                             **{f"{section}/{k}": v for k, v in scalars.items()}})
+        for sink in self.sinks:
+            sink.scalars(step, samples, section, scalars)
         accuracies = {k: v for k, v in scalars.items() if "top1" in k or "top5" in k}
         shown = ", ".join([f"{k} {v:.2%}" for k, v in accuracies.items()] if accuracies else
                           [f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("count", "images", "seconds")])
@@ -77,7 +70,8 @@ class RunLogger:
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """A (3, H, W) float image in [0, 1]."""
         if self.enabled:
-            self.writer.add_image(tag, image.float().clamp(0, 1).cpu(), step)
+            for sink in self.sinks:
+                sink.image(step, tag, image.float().clamp(0, 1).cpu())
 
     def predictions(self, rows: list[dict[str, Any]] | None) -> None:
         """The final evaluation's per-image predictions (`vitcore.rundir.PREDICTIONS`), if it made any."""
@@ -94,7 +88,8 @@ class RunLogger:
         result = {**(summary or {}), "final": self.last, "wall_time_s": round(time.perf_counter() - self.start_time, 2)}
         if self.enabled:
             self.bar.close()
-            self.writer.close()
+            for sink in self.sinks:
+                sink.close()
             if summary is not None:
                 rundir.write_summary(self.out_dir, result)
         return result
