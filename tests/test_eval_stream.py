@@ -15,7 +15,7 @@ from PIL import Image
 from vitcore.data import ShardStream, eval_transform
 from vitcore.data.index import write_index
 from vitcore.data.shards import write_shards
-from vitcore.data.plan import _exactly_once_ranges
+from vitcore.data.plan import exactly_once_ranges
 from vitcore.data.tar import iter_tar_samples
 
 SIZES = (7, 13, 4)  # samples per shard: unequal on purpose
@@ -164,8 +164,8 @@ def test_division_covers_each_sample_once_and_balances() -> None:
         total = sum(sizes)
         order = list(range(len(sizes)))[::-1]
         for parts in range(1, 2 * total + 3):
-            division = _exactly_once_ranges(sizes, order, parts)
-            assert division == _exactly_once_ranges(sizes, order, parts)  # deterministic
+            division = exactly_once_ranges(sizes, order, parts)
+            assert division == exactly_once_ranges(sizes, order, parts)  # deterministic
             covered = Counter((i, s) for ranges in division for i, a, b in ranges for s in range(a, b))
             assert covered == Counter((i, s) for i, n in enumerate(sizes) for s in range(n))
             assert all(0 <= start < stop <= sizes[i] for ranges in division for i, start, stop in ranges)

@@ -42,12 +42,12 @@ def test_stream_gives_up_when_every_sample_fails(make_shards, monkeypatch: pytes
 
 
 def test_shards_are_drawn_in_proportion_to_their_size() -> None:
-    from vitcore.data.plan import _resampled
+    from vitcore.data.plan import resampled_shards
 
-    draws = _resampled(["big", "small"], [900, 100], random.Random(0))
+    draws = resampled_shards(["big", "small"], [900, 100], random.Random(0))
     picks = [next(draws) for _ in range(20000)]
     assert 0.085 < picks.count("small") / len(picks) < 0.115  # 10% of the samples live there
-    uniform = _resampled(["big", "small"], None, random.Random(0))
+    uniform = resampled_shards(["big", "small"], None, random.Random(0))
     assert 0.47 < sum(next(uniform) == "small" for _ in range(20000)) / 20000 < 0.53  # no index: uniform
 
 

@@ -6,7 +6,7 @@ Layout of one checkpoint, `<run>/checkpoints/step-00001000/`:
                         Python values only, so `torch.load(..., weights_only=True)` reads it
     meta.json           architecture, patch size, image size, grid, stage, step, config
 `<run>/checkpoints/latest` is a symlink to the newest complete checkpoint, `best` (runs that
-evaluate) to the one with the best validation top-1; pruning keeps both.
+evaluate or monitor) to the one with the best `run.best_metric`; pruning keeps both.
 
 Atomicity: a checkpoint is written into a temporary directory that is renamed into place
 only once every file is on disk, then `latest` is swapped by renaming a new symlink over it.

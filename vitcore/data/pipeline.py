@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from vitcore.data.plan import PlanBoard, StreamPlan, _resampled, derive_seed
+from vitcore.data.plan import PlanBoard, StreamPlan, derive_seed, resampled_shards
 from vitcore.data.tar import iter_tar_samples
 from vitcore.data.transforms import DECODE_ERRORS, open_image
 
@@ -176,7 +176,7 @@ class RankStreamDataset(IterableDataset):
         samples = self._shuffled_read(((self.urls[shard], start, stop) for shard, start, stop in plan.ranges or []),
                                       stats, derive_seed(plan.seed, "samples"))
         if plan.batches is not None:  # training: after its share of the epoch (if any), shards drawn with replacement
-            draws = _resampled(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
+            draws = resampled_shards(self.urls, self.sizes, random.Random(derive_seed(plan.seed, "shards")))
             # shuffled apart: mixed into the share's buffer, draws would crowd out the share's last samples
             samples = chain(samples, self._shuffled_read(((url, 0, None) for url in draws), stats,
                                                          derive_seed(plan.seed, "draws")))

@@ -11,17 +11,17 @@ side that carries a plan out is `vitcore.data.pipeline`; `vitcore.data.stream` t
    [`StreamPlan`]: a seed derived from (seed, epoch, rank, stream) [`derive_seed`], what to read,
    and how many batches to deliver.
    Training (`resampled=True`): every rank gets total // (world_size * batch_size) batches, spread
-   over its streams (the first ones take one more when it does not divide) [`_part_size`]. With
+   over its streams (the first ones take one more when it does not divide) [`part_size`]. With
    index.json's sample counts, each epoch is a permutation, as timm's sampler makes it: the world's
    streams divide the epoch's samples, in a new seeded shard order every epoch, into contiguous
    runs of near-equal length (below), each read through the stream's shuffle buffer; a stream that
    runs short of its batches (skipped samples, rounding) tops up with shards drawn with replacement
-   [`_resampled`], and draws alone feed shards without sample counts (`pipe:` URLs) and the rest of
-   an epoch resumed on another layout. Drawing every shard with replacement (this code's way until
+   [`resampled_shards`], and draws alone feed shards without sample counts (`pipe:` URLs) and the
+   rest of an epoch resumed on another layout. Drawing every shard with replacement (this code's way until
    issue 22) left about a third of the images out of each epoch on Imagenette's 10 shards; its cost
    in top-1 was within noise at 500 steps (docs/benchmarks.md).
    Evaluation (`resampled=False`): the world's streams divide the epoch into sample ranges, every
-   sample exactly once (see below) [`_exactly_once_ranges`]. The main process posts the plans on a
+   sample exactly once (see below) [`exactly_once_ranges`]. The main process posts the plans on a
    shared board [`PlanBoard`].
 
 Exactly-once (evaluation) streams divide the epoch into sample ranges `(shard, start, stop)`,
@@ -102,7 +102,7 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _part_size(total: int, parts: int, i: int) -> int:
+def part_size(total: int, parts: int, i: int) -> int:
     """The size of part i when `total` is split into `parts` near-equal parts, the first ones larger.
 
     Also the number of batches stream i delivered among the first `total`, since the DataLoader
@@ -160,14 +160,14 @@ class PlanBoard:
         return stream, StreamPlan(seed, ranges, consumed, None if batches < 0 else batches)
 
 
-def _resampled(urls: list[str], sizes: list[int] | None, rng: random.Random) -> Iterator[str]:
+def resampled_shards(urls: list[str], sizes: list[int] | None, rng: random.Random) -> Iterator[str]:
     """Shards drawn with replacement, in proportion to their sample counts when the index gives
     them, so that a short last shard's samples are not drawn more often than the others'."""
     while True:
         yield from rng.choices(urls, weights=sizes, k=64)
 
 
-def _exactly_once_ranges(sizes: list[int], order: list[int], parts: int,
+def exactly_once_ranges(sizes: list[int], order: list[int], parts: int,
                          whole_shards: bool = True) -> list[list[ShardRange]]:
     """Every sample once, divided among `parts` streams as (shard, start, stop) ranges per stream.
 
@@ -188,7 +188,7 @@ def _exactly_once_ranges(sizes: list[int], order: list[int], parts: int,
         place_in_order = {i: n for n, i in enumerate(nonempty)}
         return [sorted(r, key=lambda r: place_in_order[r[0]]) for r in ranges]
     total = sum(sizes[i] for i in nonempty)
-    bounds = [p * (total // parts) + min(p, total % parts) for p in range(parts + 1)]  # _part_size() summed
+    bounds = [p * (total // parts) + min(p, total % parts) for p in range(parts + 1)]  # part_size() summed
     shard_start = 0  # the shard's first sample, in the concatenation
     for i in nonempty:
         shard_end = shard_start + sizes[i]

@@ -37,9 +37,9 @@ from vitcore.data.plan import (
     PlanBoard,
     ShardRange,
     StreamPlan,
-    _exactly_once_ranges,
-    _part_size,
     derive_seed,
+    exactly_once_ranges,
+    part_size,
     resolve_shards,
 )
 
@@ -175,7 +175,7 @@ class ShardStream:
         in the world (training streams read theirs first, then top up with draws)."""
         key = (self.seed, self.epoch)
         if self._division_key != key:  # the division of the whole world, the same on every rank
-            self._division = _exactly_once_ranges(self._shard_samples, self._epoch_shard_order(),
+            self._division = exactly_once_ranges(self._shard_samples, self._epoch_shard_order(),
                                                   self.world_size * self._num_streams, whole_shards=not self.resampled)
             self._division_key = key
         # Streams are numbered worker-major, so that small epochs spread over the ranks first.
@@ -185,7 +185,7 @@ class ShardStream:
         """Each stream's plan for the rest of this epoch, from the position."""
         streams = self._num_streams
         delivered = self._batches - self._plans_start  # batches the current plans' streams delivered
-        consumed = self._stream_consumed or [_part_size(delivered, streams, s) * self.batch_size
+        consumed = self._stream_consumed or [part_size(delivered, streams, s) * self.batch_size
                                              for s in range(streams)]
         plans_batches = len(self) - self._plans_start  # batches the current plans deliver in all
         # a permutation of the epoch when the sample counts are known and the plans start it; else draws
@@ -195,7 +195,7 @@ class ShardStream:
         for s in range(streams):
             seed = derive_seed(self.seed, self.epoch, self.rank, s, self._plans_start)
             if self.resampled:
-                batches = _part_size(plans_batches, streams, s) - _part_size(delivered, streams, s)
+                batches = part_size(plans_batches, streams, s) - part_size(delivered, streams, s)
                 plans.append(StreamPlan(seed, rank_ranges[s] if permuted else None, consumed[s], batches))
             else:
                 plans.append(StreamPlan(seed, rank_ranges[s], consumed[s], None))
