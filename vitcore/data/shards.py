@@ -53,7 +53,7 @@ from vitcore.data.index import remove_index
 from vitcore.data.shard_resume import (PROGRESS_DIR, SHARD_NAME, SKIPPED_NAME, FinishedShard, Progress,
                                        open_progress, read_progress, task_shards, unfinished)
 from vitcore.data.shard_workers import chunk_size, encode_jpeg, encode_records
-from vitcore.data.sources import open_source
+from vitcore.data.sources import Source, open_source
 from vitcore.data.tar import TAR_BLOCK
 
 log = logging.getLogger(__name__)
@@ -152,28 +152,15 @@ def write_shards(
     `vitcore.data.parquet_stream`): it needs `shuffle_seed=None`. `workers` processes encode
     (default: the CPUs this process may use). The output is the same for any `num_tasks` and
     `workers`. A folder a killed writer left is resumed; one written with other arguments raises
-    ValueError unless `overwrite` (see the module docstring). Raises FileNotFoundError for a missing source and ValueError for an empty one or
-    bad options.
+    ValueError unless `overwrite` (see the module docstring). Raises FileNotFoundError for a
+    missing source and ValueError for an empty one or bad options.
     """
-    if samples_per_shard is not None and max_bytes is not None:
-        raise ValueError("give samples_per_shard or max_bytes, not both")
     if max_bytes is None and samples_per_shard is None:
         samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
     workers = default_workers() if workers is None else workers
-    sizes = {"resize": resize, "samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "limit": limit,
-             "per_class": per_class, "workers": workers, "num_tasks": num_tasks}
-    for name, value in sizes.items():
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is not one of the {num_tasks} tasks (0..{num_tasks - 1})")
-    if max_bytes is not None and num_tasks > 1:
-        raise ValueError(f"--max-bytes cuts each shard where the bytes of the shards before it end, so one task "
-                         f"writes them all, not {num_tasks}; use --samples-per-shard with several tasks")
+    _check_options(samples_per_shard=samples_per_shard, max_bytes=max_bytes, resize=resize, limit=limit,
+                   per_class=per_class, workers=workers, num_tasks=num_tasks, offset=offset, quality=quality,
+                   task_index=task_index)
 
     out = Path(out_dir)
     with open_source(source, split=split, labeled=labeled, download_dir=download_dir, streaming=streaming) as src:
@@ -205,35 +192,65 @@ def write_shards(
         if total > todo:
             log.info("resuming %s: %d of %d records already in finished shards%s", out, total - todo, total,
                      "; nothing left to write" if not todo else "")
-        # No more processes than there are chunks to encode: a small folder needs no pool of 64.
-        chunk = chunk_size(workers, samples_per_shard)
-        procs = max(1, min(workers, -(-todo // chunk)))
-        records = src.read(order[r] for _, start, stop in plan for r in range(start, stop))
-        encoded = encode_records(records, resize, quality, procs, chunk)
         task = f" (task {task_index} of {num_tasks})" if num_tasks > 1 else ""
-        bar = tqdm(encoded, total=total, initial=total - todo, unit="img", desc=f"shards -> {out}{task}",
-                   disable=not progress, smoothing=0.1)
-        with closing(encoded), bar:  # an error here (a full disk) stops the workers now, not at garbage collection
-            samples = iter(bar)
-            for number, start, stop in plan:
-                shard = _ShardFile(out, number, start)
-                for record in range(start, stop):
-                    sample = next(samples)
-                    if sample.files is None:
-                        shard.skipped.append(f"{sample.key}\t{sample.error}")
-                        continue
-                    if max_bytes is not None and not shard.fits(sample.files, max_bytes):
-                        state.add(number, shard.finish(record))
-                        number += 1
-                        shard = _ShardFile(out, number, record)
-                    shard.add(sample.key, sample.files)
-                state.add(number, shard.finish(stop))
+        _write(src, order, plan, state, total, workers=workers, resize=resize, quality=quality,
+               samples_per_shard=samples_per_shard, max_bytes=max_bytes,
+               bar={"desc": f"shards -> {out}{task}", "disable": not progress})
     index = state.finish()
     if index is not None and not index["total"]:
         raise ValueError(f"no readable images in {source}; see {out / SKIPPED_NAME}")
     if index is not None and index["skipped"]:
         log.warning("skipped %d unreadable images, listed in %s", index["skipped"], out / SKIPPED_NAME)
     return index
+
+
+def _check_options(*, samples_per_shard: int | None, max_bytes: int | None, offset: int, quality: int,
+                   num_tasks: int, task_index: int, **sizes: int | None) -> None:
+    """ValueError naming the first impossible option (`sizes`: the ones that must be positive)."""
+    if samples_per_shard is not None and max_bytes is not None:
+        raise ValueError("give samples_per_shard or max_bytes, not both")
+    sizes |= {"samples_per_shard": samples_per_shard, "max_bytes": max_bytes, "num_tasks": num_tasks}
+    for name, value in sizes.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is not one of the {num_tasks} tasks (0..{num_tasks - 1})")
+    if max_bytes is not None and num_tasks > 1:
+        raise ValueError(f"--max-bytes cuts each shard where the bytes of the shards before it end, so one task "
+                         f"writes them all, not {num_tasks}; use --samples-per-shard with several tasks")
+
+
+def _write(src: Source, order: list[int], plan: list[tuple[int, int, int]], state: Progress, total: int, *,
+           workers: int, resize: int | None, quality: int, samples_per_shard: int | None, max_bytes: int | None,
+           bar: dict[str, Any]) -> None:
+    """Encode the records of `plan`'s shards (see `_unfinished`) and write each shard, recording it
+    in `state` once it is in place; byte-cut shards roll over where `max_bytes` says."""
+    todo = sum(stop - start for _, start, stop in plan)
+    # No more processes than there are chunks to encode: a small folder needs no pool of 64.
+    chunk = chunk_size(workers, samples_per_shard)
+    procs = max(1, min(workers, -(-todo // chunk)))
+    records = src.read(order[r] for _, start, stop in plan for r in range(start, stop))
+    encoded = encode_records(records, resize, quality, procs, chunk)
+    with closing(encoded), tqdm(encoded, total=total, initial=total - todo, unit="img", smoothing=0.1,
+                                **bar) as progress:  # an error (a full disk) stops the workers now, not at exit
+        samples = iter(progress)
+        for number, start, stop in plan:
+            shard = _ShardFile(state.out, number, start)
+            for record in range(start, stop):
+                sample = next(samples)
+                if sample.files is None:
+                    shard.skipped.append(f"{sample.key}\t{sample.error}")
+                    continue
+                if max_bytes is not None and not shard.fits(sample.files, max_bytes):
+                    state.add(number, shard.finish(record))
+                    number += 1
+                    shard = _ShardFile(state.out, number, record)
+                shard.add(sample.key, sample.files)
+            state.add(number, shard.finish(stop))
 
 
 def _unfinished(state: Progress, records: int, samples_per_shard: int | None,
