@@ -1,4 +1,5 @@
-"""The shard writer's encoding stage: source records -> RGB JPEG samples, in one process or N.
+"""The shard writer's encoding stage: source records -> RGB JPEG samples, in one process or N; and
+how many processes and which task this is, from the launcher or SLURM.
 
 Decoding, resizing and re-encoding is nearly all of a shard writer's CPU time, and each image is
 independent of the others, so N worker processes do it. Everything that decides what the output
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -127,3 +128,21 @@ def encode_records(records: Iterable[Record], resize: int | None, quality: int, 
         finally:
             for future in pending:  # an error or a closed generator: drop the queued work
                 future.cancel()
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (its affinity: a SLURM allocation or a container's share), divided
+    among the local processes of a launch (`LOCAL_WORLD_SIZE`, set by accelerate launch and torchrun)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def task_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(num_tasks, task_index) from a SLURM array (`--array=0-N`, any contiguous range or step) or a
+    launch with one process per rank (`RANK`/`WORLD_SIZE`: accelerate launch, torchrun); (1, 0) otherwise."""
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+        return int(env["SLURM_ARRAY_TASK_COUNT"]), (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"]), int(env["RANK"])
+    return 1, 0

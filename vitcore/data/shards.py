@@ -36,11 +36,10 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +51,7 @@ from vitcore.atomic import commit
 from vitcore.data.index import remove_index
 from vitcore.data.shard_resume import (PROGRESS_DIR, SHARD_NAME, SKIPPED_NAME, FinishedShard, Progress,
                                        open_progress, read_progress, task_shards, unfinished)
-from vitcore.data.shard_workers import chunk_size, encode_jpeg, encode_records
+from vitcore.data.shard_workers import chunk_size, default_workers, encode_jpeg, encode_records, task_from_env
 from vitcore.data.sources import Source, open_source
 from vitcore.data.tar import TAR_BLOCK
 
@@ -285,24 +284,6 @@ def merge(out_dir: str | Path) -> dict[str, Any]:
     if index is None:
         raise ValueError(unfinished(out))
     return index
-
-
-def default_workers() -> int:
-    """The CPUs this process may use (its affinity: a SLURM allocation or a container's share), divided
-    among the local processes of a launch (`LOCAL_WORLD_SIZE`, set by accelerate launch and torchrun)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def task_from_env(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """(num_tasks, task_index) from a SLURM array (`--array=0-N`, any contiguous range or step) or a
-    launch with one process per rank (`RANK`/`WORLD_SIZE`: accelerate launch, torchrun); (1, 0) otherwise."""
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
-        return int(env["SLURM_ARRAY_TASK_COUNT"]), (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["WORLD_SIZE"]), int(env["RANK"])
-    return 1, 0
 
 
 def _source_id(source: str) -> str:
