@@ -132,6 +132,7 @@ def test_real_data_as_processes_a_slurm_array_and_under_accelerate_launch(tmp_pa
     assert json.loads((tmp_path / "launch" / PROGRESS_DIR / PLAN_NAME).read_text())["num_tasks"] == 2
 
 
+@pytest.mark.slow  # 15 s; make test keeps the real-data kill below, make test-all both
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform != "linux", reason="needs Linux FIFOs")
 def test_a_task_killed_midway_resumes_to_the_same_files(source: Path, tmp_path: Path) -> None:
     """Task 1 of 2 (shards 4 to 8 of 9) is SIGKILLed while it waits for image 27 (shard 5's; a FIFO
