@@ -13,8 +13,7 @@ import pytest
 
 VITCORE = Path(__file__).resolve().parents[1] / "vitcore"
 SOURCES = sorted(VITCORE.rglob("*.py"))
-# "vit-mpp" is the project's name (its distribution, the Hub tag and W&B project it publishes under), no stage
-STAGE_WORD = re.compile(r"(?<![a-z])(?<!vit-)(pretrain|finetune|mpp|scratch)(?![a-z])", re.IGNORECASE)
+STAGE_WORD = re.compile(r"(?<![a-z])(pretrain|finetune|mpp|scratch)(?![a-z])", re.IGNORECASE)
 
 
 def _room(module: str) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from vitcore import checkpoint, rundir
+from vitcore import PROJECT, checkpoint, rundir
 from vitcore.atomic import atomic_write_text, commit
 from vitcore.data.index import read_index
 from vitcore.data.transforms import EVAL_CROP_FRACTION, MEAN, STD
@@ -127,7 +127,7 @@ def front_matter(vit: ViT, recipe: dict[str, Any], measured: bool, license: str 
     header: dict[str, Any] = {"library_name": "timm"}
     if license:
         header["license"] = license
-    header["tags"] = ["image-classification", "timm", "vit-mpp"]
+    header["tags"] = ["image-classification", "timm", PROJECT]
     header["pipeline_tag"] = "image-classification" if vit.cfg.num_classes else "image-feature-extraction"
     datasets = []
     for section in ("data", "eval"):

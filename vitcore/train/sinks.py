@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from vitcore import rundir
+from vitcore import PROJECT, rundir
 
 # Training scalars that describe the machine rather than the model: the `sys/` group
 SYSTEM_SCALARS = frozenset({"img_s", "img_s_per_rank", "data_wait", "tflops_per_rank", "mfu", "skipped_samples"})
@@ -84,14 +84,15 @@ class TensorBoardSink:
 class WandbSink:
     """A Weights & Biases run (`pip install -e '.[wandb]'`) under the run directory's `wandb/`, named
     after the run directory, with the resolved config. Its id is derived from the run directory, so a
-    resumed run continues the same W&B run. `WANDB_PROJECT` (default vit-mpp), `WANDB_ENTITY` and
+    resumed run continues the same W&B run. `WANDB_PROJECT` (default: the distribution's name,
+    `vitcore.PROJECT`), `WANDB_ENTITY` and
     `WANDB_MODE=offline` (no network: `wandb sync` later) are W&B's own settings."""
 
     def __init__(self, out_dir: Path, start_step: int, config: dict[str, Any]) -> None:
         import wandb
 
         run_id = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:16]
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vit-mpp"), name=out_dir.name, id=run_id,
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=out_dir.name, id=run_id,
                               resume="allow", dir=str(out_dir), config=config)
 
     def scalars(self, step: int, samples: int, section: str, values: dict[str, float]) -> None:
