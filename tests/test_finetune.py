@@ -186,6 +186,8 @@ exit_now()
 """
 
 
+# make test-all (15 s); make test keeps every image evaluated once over ranks (test_eval_stream)
+@pytest.mark.slow
 def test_two_processes_evaluate_every_image_exactly_once(cifar_shards, val_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
@@ -208,6 +210,8 @@ def test_two_processes_evaluate_every_image_exactly_once(cifar_shards, val_shard
     assert sum(r["top5"][0] == r["label"] for r in rows) == round(summary["eval"]["top1"] * 100)
 
 
+# make test-all (9 s); make test keeps a real-image fine-tune (test_the_demo_pipeline_end_to_end_on_real_images)
+@pytest.mark.slow
 def test_a_short_fine_tune_on_real_images_beats_chance(cifar_shards, val_shards, tmp_path):
     """Scratch Pico/8 on 256 CIFAR images for 150 steps (a few seconds): well above the 10% of
     chance on 100 held-out images."""

@@ -11,6 +11,8 @@ DTensors, no_sync, clip_grad_norm_), and it checks that the parameters really ar
 import json
 import subprocess
 
+import pytest
+
 from launching import CPU_ENV, ROOT, launch_command
 
 WORKER = """
@@ -95,6 +97,8 @@ exit_now()
 """
 
 
+# make test-all (12 s); make test keeps FSDP2's full-weight checkpoints through the Trainer (test_fsdp_engine)
+@pytest.mark.slow
 def test_fsdp2_checkpoint_round_trip_resumes_exactly(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

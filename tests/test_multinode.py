@@ -7,6 +7,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -78,6 +79,9 @@ def two_machines(probe: Path, args: list[str], tmp_path: Path) -> None:
         assert m.returncode == 0, err[-3000:]
 
 
+# make test-all (25 s); make test keeps two processes in sync with rank 0 writing (test_distributed)
+# and exact resume (test_preemption)
+@pytest.mark.slow
 def test_two_machines_train_resume_stay_in_sync_and_only_rank0_writes(cifar_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)

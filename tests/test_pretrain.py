@@ -114,6 +114,9 @@ def run_script(args: list[str], **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "pretrain" / "run.py"), *args], cwd=ROOT, **popen)
 
 
+# make test-all (10 s); make test keeps a SIGKILL leaving a loadable checkpoint (test_checkpoint)
+# and exact resume (test_preemption)
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(cifar_shards, tmp_path):
     steps = 60
     args = lambda out: overrides(cifar_shards, out, **{"run.steps": steps, "run.ckpt_every": 5, "run.log_every": 1,

@@ -183,6 +183,8 @@ exit_now()
 """
 
 
+# make test-all (24 s); make test keeps every image counted once over ranks (test_eval_stream)
+@pytest.mark.slow
 def test_features_count_every_image_once_over_two_processes(cifar_shards, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(FEATURES_PROBE)

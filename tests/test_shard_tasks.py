@@ -232,6 +232,8 @@ def test_a_streamed_parquet_source_writes_what_the_materialised_one_does(parquet
         main(["--source", "cifar10.tar", "--out", str(tmp_path / "x"), "--streaming", "--no-shuffle"])
 
 
+# make test-all (15 s); make test keeps a killed writer resuming to the same files (test_shards_parallel)
+@pytest.mark.slow
 def test_a_task_killed_on_real_data_resumes_to_the_same_bytes(tmp_path: Path) -> None:
     """Task 1 of 2 on CIFAR-10 images is SIGKILLed as soon as its first shard is recorded (of six;
     wherever it is then), and run again: the folder comes out as one process writes it."""
