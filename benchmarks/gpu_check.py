@@ -15,15 +15,15 @@ out of memory or outlives its cap is recorded with its error and the next one st
   mpp_compile  the mpp step under torch.compile (the engine's run.compile: Accelerate's inductor)
 
 Each part builds its recipe's model and optimizer and runs the training step with the engine's
-own code (`Trainer._restore` and `Trainer._train_step`: Accelerate's bf16 autocast and backward,
-gradient clipping, the fused optimizer's non-finite guard, the fine-tuning EMA) on a Trainer made
-without data streams, monitor or checkpoints, at the recipe's per-process batch with one micro-batch
+own code (`RunState.restore` and `vitcore.train.step.TrainStep`: Accelerate's bf16 autocast and
+backward, gradient clipping, the fused optimizer's non-finite guard, the fine-tuning EMA), without
+data streams, monitor or checkpoints, at the recipe's per-process batch with one micro-batch
 per optimizer step (optim.accum_steps=1). The data are synthetic, as in train_throughput.py: one
 random uint8 batch kept on the GPU, so the numbers are the step's, without JPEG decoding or copies.
 Attention is `F.scaled_dot_product_attention`; the kernels it dispatched to are recorded. Images/s
 is the batch over the median per-step time of blocks of 10 steps after the warm-up (compilation
 happens in the warm-up); MFU is the engine's: images/s per GPU x the task's training FLOPs per image
-(3x the encoder's forward matmul FLOPs) over the datasheet dense bf16 peak (vitcore.train.metrics.PEAK_FLOPS).
+(3x the encoder's forward matmul FLOPs) over the datasheet dense bf16 peak (vitcore.train.meter.PEAK_FLOPS).
 
 --budget-s is shared out by weight (mpp 1, finetune 1, mpp_2gpu 1.5, mpp_compile 3) over the parts
 still to run, so the seconds a part leaves unused go to the parts after it. Writes ONE JSON file
@@ -258,11 +258,12 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
     from accelerate import Accelerator
     from train_throughput import matmul_peak, sync  # benchmarks/, this script's folder
 
-    from vitcore.train import engine
-    from vitcore.train.metrics import Window
+    from vitcore.train.ending import exit_with_launcher
+    from vitcore.train.meter import TrainMeter
     from vitcore.train.runstate import RunState
+    from vitcore.train.step import TrainStep
 
-    engine._exit_with_launcher()  # under `accelerate launch`: die with the launcher (a cap's kill)
+    exit_with_launcher()  # under `accelerate launch`: die with the launcher (a cap's kill)
     phase("building the model")
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         cfg, task = recipe(kind, Path(tmp), compile, overrides)
@@ -271,10 +272,9 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
                             dynamo_backend="inductor" if cfg.run.compile else "no")
         if accel.num_processes != processes:
             raise RuntimeError(f"asked for {processes} process(es), the launch started {accel.num_processes}")
-        trainer = engine.Trainer.__new__(engine.Trainer)  # the engine's step, without streams, monitor, checkpoints
-        trainer.cfg, trainer.task, trainer.accelerator = cfg, task, accel
-        trainer.state = RunState(cfg, task, accel, stream=None)  # a stream only to resume one; none here
-        model, optimizer, _ = trainer.state.restore(None)  # seeded build, the recipe's optimizer, accelerate.prepare
+        # the engine's step, without streams, monitor or checkpoints: a stream only to resume one
+        model, optimizer, _, _ = RunState(cfg, task, accel, stream=None).restore(None)  # seeded, prepared
+        train_step = TrainStep(cfg, task, accel)
         device = accel.device
         B, size = cfg.data.batch_size, cfg.model.image_size
         g = torch.Generator().manual_seed(0)
@@ -282,13 +282,13 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
         batch = {"image": torch.randint(0, 256, (B, 3, size, size), dtype=torch.uint8, generator=g).to(device),
                  "label": labels, "key": []}
         batches = itertools.repeat(batch)
-        window = Window(device)
+        meter = TrainMeter(device)
         step = 0
 
         def train(n: int) -> None:
             nonlocal step
             for _ in range(n):
-                trainer._train_step(model, optimizer, batches, window, step)
+                train_step(model, optimizer, batches, meter, step)
                 step += 1
 
         def agreed(stop: bool) -> bool:
@@ -337,8 +337,8 @@ def measure(kind: str, *, compile: bool = False, steps: int = 50, warmup: int = 
             **throughput(B, accel.num_processes, blocks, flops, peak),
             "steps_asked": steps, "warmup_steps": warmup, "warmup_s": round(warmup_s, 2),
             "train_flops_per_image": flops, "device": name, "peak_flops": peak,
-            "loss_mean": round(float(window.sums["loss"]) / max(window.steps, 1), 4),
-            "nonfinite_steps": int(window.nonfinite.item()),
+            "loss_mean": round(float(meter.sums["loss"]) / max(meter.steps, 1), 4),
+            "nonfinite_steps": int(meter.nonfinite.item()),
             "max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
         }
         try:
@@ -418,7 +418,7 @@ def check(args: argparse.Namespace, start: float) -> int:
     from scaling import free_port  # benchmarks/, this script's folder
 
     from vitcore.atomic import atomic_write_text
-    from vitcore.train.metrics import PEAK_FLOPS
+    from vitcore.train.meter import PEAK_FLOPS
 
     deadline = start + args.budget_s - reserve_s(args.budget_s)
     machine = machine_info(torch)
@@ -430,8 +430,8 @@ def check(args: argparse.Namespace, start: float) -> int:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": [Path(sys.executable).name, *sys.argv], "budget_s": args.budget_s, "wall_s": None,
         "machine": machine, "peak_flops": peak,
-        "peak_source": f"{gpu}: datasheet dense bf16 (vitcore.train.metrics.PEAK_FLOPS)" if peak else
-                       f"{gpu} is not in vitcore.train.metrics.PEAK_FLOPS: no MFU",
+        "peak_source": f"{gpu}: datasheet dense bf16 (vitcore.train.meter.PEAK_FLOPS)" if peak else
+                       f"{gpu} is not in vitcore.train.meter.PEAK_FLOPS: no MFU",
         "data": DATA, "steps": args.steps, "warmup_steps": args.warmup,
         "parts": {name: {"status": "pending", "what": PARTS[name][1]} for name in args.parts},
     }

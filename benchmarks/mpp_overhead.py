@@ -23,7 +23,6 @@ import pretrain.task as task_module
 from pretrain.config import PretrainConfig
 from pretrain.corruption import corrupt
 from pretrain.task import MPPTask
-from vitcore.data.transforms import normalize
 from vitcore.train.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mpp_overhead.json"
@@ -49,7 +48,7 @@ def main() -> None:
 
     cfg = PretrainConfig()
     task = MPPTask(cfg)
-    model = task.build_model().train()
+    model = task.build_model()[0].train()
     optimizer = build_optimizer(model, cfg.optim)
     size, batch_size, mpp = cfg.model.image_size, cfg.data.batch_size, cfg.mpp
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
@@ -63,7 +62,7 @@ def main() -> None:
 
     # The ablation: the same step, with corruption the identity and the targets looked up.
     with torch.no_grad():
-        _, fixed = model(normalize(images))
+        _, fixed = model(images)
         fixed_targets = task.targets(images, fixed.positions)
     real_corrupt, real_targets = task_module.corrupt, task.targets
 
@@ -77,7 +76,7 @@ def main() -> None:
 
     # Corruption (forward and backward) and targets alone, on the step's own embeddings.
     with torch.no_grad():
-        embeddings, _ = model.encoder.embed_patches(normalize(images))  # (B, N, D)
+        embeddings, _ = model.encoder.embed_patches(images)  # (B, N, D)
     embeddings.requires_grad_(True)
     grad_out = torch.randn_like(embeddings)
 

@@ -39,7 +39,7 @@ from finetune.task import ClassifyTask  # noqa: E402
 from vitcore.config import load_config  # noqa: E402
 from vitcore.data import read_index  # noqa: E402
 from vitcore.data.tar import iter_tar_samples  # noqa: E402
-from vitcore.model.export import export  # noqa: E402
+from vitcore.report.export import export  # noqa: E402
 from vitcore.train.engine import main as train_main  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pretrain.config import PretrainConfig
 from pretrain.task import MPPTask
 from vitcore.config import load_config
-from vitcore.train.metrics import PEAK_FLOPS
+from vitcore.train.meter import PEAK_FLOPS
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,7 +94,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     task = MPPTask(cfg)
-    mpp_model = task.build_model().to(device)
+    mpp_model = task.build_model()[0].to(device)
     vit_cfg = mpp_model.encoder.cfg
     ours = ViT(vit_cfg).to(device)
     theirs = timm_twin(vit_cfg).to(device)

@@ -33,9 +33,9 @@ from PIL import UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.evaluate import load_classifier
+from finetune.evaluate import add_image_size, image_size, load_classifier
 from vitcore.data.sources import is_image_name
-from vitcore.data.transforms import DECODE_ERRORS, ResizeCenterCrop, eval_transform, normalize, open_image
+from vitcore.data.transforms import DECODE_ERRORS, ResizeCenterCrop, eval_transform, open_image
 from vitcore.model.vit import ViT
 from vitcore.train.ending import Ending, run_process
 
@@ -87,7 +87,7 @@ def predict_batch(vit: ViT, batch: dict[str, Any], paths: list[str], classes: li
     """(position, result) for every image of a batch: its top-k classes, or its error."""
     results = [(p, {"image": paths[p], "error": error}) for p, error in batch["errors"]]
     if batch["images"] is not None:
-        logits = vit(normalize(batch["images"].to(device))).logits  # (B, C)
+        logits = vit(batch["images"].to(device)).logits  # (B, C)
         probs, indices = logits.float().softmax(dim=-1).topk(k, dim=-1)  # (B, k) each
         for p, row_p, row_i in zip(batch["positions"], probs.tolist(), indices.tolist()):
             top = [{"class": classes[i], "index": i, "prob": prob} for i, prob in zip(row_i, row_p)]
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning checkpoint dir, `latest`, `best` or run dir")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--image-size", type=int, nargs="+", metavar="S",
-                        help="one size (square) or height width; default: the fine-tuning resolution")
+    add_image_size(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -117,9 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
-    if args.image_size is not None and len(args.image_size) > 2:
-        parser.error("--image-size takes one size (square) or two (height width)")
-    size = None if args.image_size is None else (args.image_size[0], args.image_size[-1])
+    size = image_size(parser, args)
     with Ending():  # stops the data workers and ends the process group on every way out
         accelerator = Accelerator()
         try:

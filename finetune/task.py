@@ -7,6 +7,7 @@ RandAugment and an EMA of the weights evaluated beside them.
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -18,13 +19,13 @@ from torchvision.transforms import v2
 from finetune.config import FinetuneConfig
 from vitcore.config import ConfigError
 from vitcore.data import read_index
-from vitcore.data.transforms import eval_transform, normalize, train_transform
+from vitcore.data.transforms import eval_transform, train_transform
 from vitcore.eval.loop import eval_mode
 from vitcore.eval.metrics import classification_metrics, classification_sums, prediction_rows
 from vitcore.model.pretrained import load_encoder
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
-from vitcore.report.attention import attention_maps, confusion_image
-from vitcore.train.task import Task
+from vitcore.eval.attention import attention_maps, confusion_image
+from vitcore.train.task import TRAINED, Presentation, Task
 
 
 class Classifier(nn.Module):
@@ -44,7 +45,7 @@ class Classifier(nn.Module):
         self.ema = copy.deepcopy(vit).requires_grad_(False) if ema else None
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) normalised images -> logits (B, classes)."""
+        """(B, 3, H, W) pixels on the 0-255 scale -> logits (B, classes)."""
         if not self.frozen:
             return self.vit(images).logits
         with torch.no_grad():  # a linear probe: no graph, no backward through the encoder
@@ -70,34 +71,42 @@ class Classifier(nn.Module):
 class ClassifyTask(Task):
     name = "finetune"
     labeled = True
-    title = "fine-tuning"
     metrics = {"top1": "max", "top5": "max", "loss": "min"}
     best_metric = "top1"
-    bar_keys = ("loss", "acc", "img_s")
-    report_columns = (("loss", "loss", "{:.3f}"), ("train acc", "acc", "{:.1%}"), ("val top-1", "eval.top1", "{:.1%}"),
-                      ("val top-5", "eval.top5", "{:.1%}"), ("EMA top-1", "eval_ema.top1", "{:.1%}"))
+    presentation = Presentation(
+        title="fine-tuning", bar_keys=("loss", "acc", "img_s"),
+        report_columns=(("loss", "loss", "{:.3f}"), ("train acc", "acc", "{:.1%}"),
+                        ("val top-1", "eval.top1", "{:.1%}"), ("val top-5", "eval.top5", "{:.1%}"),
+                        ("EMA top-1", "eval_ema.top1", "{:.1%}")))
 
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
+        size = cfg.model.image_size
+        self.transform = train_transform(size, randaugment=cfg.finetune.randaugment)
+        self.eval_transform = eval_transform(size)
+        self.evaluated = (TRAINED, "ema") if cfg.finetune.ema_decay > 0 else (TRAINED,)
+
+    @cached_property
+    def class_names(self) -> list[str]:
+        """The classes of data.shards (its index.json), read when first needed, not by the constructor."""
         try:
-            index = read_index(cfg.data.shards)
+            index = read_index(self.cfg.data.shards)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.shards: {e} (write labelled shards with `python -m vitcore.data.shards`, "
                               "or `make demo` for the default Imagenette ones)") from None
         if not index["classes"]:
-            raise ConfigError(f"data.shards: {cfg.data.shards} has no labels (index.json classes is null)")
-        self.class_names: list[str] = list(index["classes"])
-        ft = cfg.finetune
-        size = cfg.model.image_size
-        self.transform = train_transform(size, randaugment=ft.randaugment)
-        self.eval_transform = eval_transform(size)
-        self.log_lines: list[str] = []
-        # MixUp and/or CutMix on the normalised batch (one of the two per batch when both are on)
+            raise ConfigError(f"data.shards: {self.cfg.data.shards} has no labels (index.json classes is null)")
+        return list(index["classes"])
+
+    @cached_property
+    def mix(self) -> v2.Transform | None:
+        """MixUp and/or CutMix on the batch's pixels (one of the two per batch when both are on)."""
+        ft = self.cfg.finetune
         mixes = [kind(alpha=alpha, num_classes=len(self.class_names))
                  for alpha, kind in ((ft.mixup_alpha, v2.MixUp), (ft.cutmix_alpha, v2.CutMix)) if alpha > 0]
-        self.mix = v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
+        return v2.RandomChoice(mixes) if len(mixes) > 1 else (mixes[0] if mixes else None)
 
-    def build_model(self) -> Classifier:
+    def build_model(self) -> tuple[Classifier, list[str]]:
         m, ft = self.cfg.model, self.cfg.finetune
         vit = ViT(ViTConfig.from_variant(m.variant, image_size=m.image_size, num_classes=len(self.class_names),
                                          pool=ft.pooling, dropout=m.dropout, drop_path=m.drop_path))
@@ -106,10 +115,10 @@ class ClassifyTask(Task):
                 report = load_encoder(vit, self.cfg.init_from)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            self.log_lines = report.lines()
+            lines = report.lines()
         else:
-            self.log_lines = ["init_from: null, training from scratch"]
-        return Classifier(vit, frozen=ft.mode == "linear_probe", ema=ft.ema_decay > 0)
+            lines = ["init_from: null, training from scratch"]
+        return Classifier(vit, frozen=ft.mode == "linear_probe", ema=ft.ema_decay > 0), lines
 
     def encoder(self, model: nn.Module) -> ViT:
         return model.vit
@@ -117,10 +126,10 @@ class ClassifyTask(Task):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Cross-entropy with label smoothing on (possibly mixed) soft targets; train top-1 against
         the unmixed labels."""
-        images, labels = normalize(batch["image"]), batch["label"]  # (B, 3, H, W), (B,)
+        images, labels = batch["image"], batch["label"]  # uint8 (B, 3, H, W), (B,)
         targets: Tensor = labels
-        if self.mix is not None:
-            images, targets = self.mix(images, labels)  # targets (B, C) soft
+        if self.mix is not None:  # blends float pixels (0-255): the model's stem normalises them
+            images, targets = self.mix(images.float(), labels)  # targets (B, C) soft
         logits = model(images).float()  # (B, C)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.finetune.label_smoothing)
         acc = (logits.detach().argmax(-1) == labels).float().mean()
@@ -130,7 +139,7 @@ class ClassifyTask(Task):
         """Top-1/top-5 hits, cross-entropy and the confusion matrix of one batch, and each image's
         label and top-5 (for the final evaluation's predictions); `model` is a ViT (the trained
         weights or their EMA)."""
-        logits = model(normalize(batch["image"])).logits
+        logits = model(batch["image"]).logits
         return {**classification_sums(logits, batch["label"], len(self.class_names)),
                 **prediction_rows(logits, batch["label"])}
 
@@ -142,7 +151,7 @@ class ClassifyTask(Task):
         return {"val/confusion": confusion_image(matrix, self.class_names)}
 
     def eval_models(self, model: nn.Module) -> dict[str, nn.Module]:
-        return {"": model.vit, **({"ema_": model.ema} if model.ema is not None else {})}
+        return {TRAINED: model.vit, **({"ema": model.ema} if model.ema is not None else {})}
 
     def after_step(self, model: nn.Module, step: int) -> None:
         if model.ema is not None:

@@ -17,7 +17,8 @@ class MPPConfig:
     mask_prob: float = 0.8  # of corrupted: replaced by the learnable [mask] embedding
     random_prob: float = 0.1  # of corrupted: replaced by another patch's embedding
     keep_prob: float = 0.1  # of corrupted: left unchanged (but still predicted)
-    target: str = "mean_color"  # mean_color | downsampled (4x4 of 512 classes) | pixels (L2)
+    # a name in pretrain.targets.TARGETS: mean_color | downsampled (4x4 of 512 classes) | pixels (L2)
+    target: str = "mean_color"
     bits: int = 3  # bits per colour channel: 3 -> 8 levels -> 512 classes
     head: str = "linear"  # linear | mlp
 
@@ -44,6 +45,6 @@ class PretrainConfig(StageConfig):
     mpp: MPPConfig = field(default_factory=MPPConfig)
 
     def validate(self) -> None:
-        if self.mpp.target == "downsampled":
-            check(self.model.patch_size % 4 == 0, "mpp.target",
-                  f"downsampled targets need a patch size divisible by 4, got {self.model.patch_size}")
+        target = TARGETS.get(self.mpp.target)  # an unknown name is mpp.target's own error
+        problem = target.problem(self.model.patch_size) if target else None
+        check(problem is None, "mpp.target", problem or "")

@@ -15,12 +15,11 @@ from torchvision.utils import make_grid
 
 from pretrain.config import MPPConfig, PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, Corruption, corrupt, corruption_counts
-from pretrain.targets import SUB, make_targets, num_outputs, patchify, render, unpatchify
-from vitcore.data.transforms import eval_transform, normalize, train_transform
+from pretrain.targets import TARGETS, patchify, unpatchify
+from vitcore.data.transforms import eval_transform, train_transform
 from vitcore.eval.loop import eval_mode
-from vitcore.eval.metrics import classification_metrics, classification_sums, mean_metrics, mean_sums
 from vitcore.model.vit import ViT, ViTConfig
-from vitcore.train.task import Task
+from vitcore.train.task import Presentation, Task
 
 CROP_SCALE = (0.35, 1.0)  # area fraction of the random crops: milder than fine-tuning's (0.08, 1)
 
@@ -50,7 +49,7 @@ class MPPModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> MPPOutput:
-        """(B, 3, H, W) normalised images -> logits (B, K, outputs) at the K corrupted positions.
+        """uint8 (B, 3, H, W) images -> logits (B, K, outputs) at the K corrupted positions.
         The corruption draws from `generator`, or from the global RNG (seeded by the engine)."""
         tokens, grid = self.encoder.embed_patches(images)  # (B, N, D)
         tokens, record = corrupt(tokens, self.mask_token, self.mpp.corrupt_ratio, self.mpp.mask_prob,
@@ -74,13 +73,13 @@ class MPPTask(Task):
 
     name = "pretrain"  # recorded in checkpoints
     labeled = False  # self-supervised: shards need no labels
-    title = "pretraining"
-    curves = (("train loss", ("loss",)), ("MPP accuracy vs the most-frequent colour", ("acc", "baseline_acc")))
-    bar_keys = ("loss", "acc", "baseline_acc", "img_s")
-    report_columns = (("loss", "loss", "{:.3f}"), ("MPP acc", "acc", "{:.1%}"),
-                      ("most-frequent-colour acc", "baseline_acc", "{:.1%}"), ("val MPP acc", "eval.top1", "{:.1%}"),
-                      ("kNN top-1", "probe.knn_top1_patch_mean", "{:.1%}"),
-                      ("linear probe top-1", "probe.linear_top1_patch_mean", "{:.1%}"))
+    presentation = Presentation(
+        title="pretraining", bar_keys=("loss", "acc", "baseline_acc", "img_s"),
+        report_columns=(("loss", "loss", "{:.3f}"), ("MPP acc", "acc", "{:.1%}"),
+                        ("most-frequent-colour acc", "baseline_acc", "{:.1%}"), ("val MPP acc", "eval.top1", "{:.1%}"),
+                        ("kNN top-1", "probe.knn_top1_patch_mean", "{:.1%}"),
+                        ("linear probe top-1", "probe.linear_top1_patch_mean", "{:.1%}")),
+        curves=(("train loss", ("loss",)), ("MPP accuracy vs the most-frequent colour", ("acc", "baseline_acc"))))
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
@@ -88,72 +87,42 @@ class MPPTask(Task):
         self.eval_transform = eval_transform(cfg.model.image_size)
         self.mpp = cfg.mpp
         self.patch = cfg.model.patch_size
-        self.num_colours = 2 ** (3 * cfg.mpp.bits)  # classes of a colour target (512 for 3 bits)
-        if cfg.mpp.target == "pixels":  # a regression: its evaluation is the validation loss
-            self.metrics, self.best_metric = {"loss": "min"}, "loss"
-        else:
-            self.metrics, self.best_metric = {"top1": "max", "top5": "max", "loss": "min"}, "top1"
+        self.target = TARGETS[cfg.mpp.target](self.patch, cfg.mpp.bits)  # what the head predicts
+        self.metrics, self.best_metric = self.target.metrics, self.target.best_metric
 
-    def build_model(self) -> MPPModel:
+    def build_model(self) -> tuple[MPPModel, list[str]]:
         m = self.cfg.model
         vit_cfg = ViTConfig.from_variant(m.variant, image_size=m.image_size, dropout=m.dropout, drop_path=m.drop_path)
-        return MPPModel(ViT(vit_cfg), self.mpp, num_outputs(self.mpp.target, self.patch, self.mpp.bits))
+        return MPPModel(ViT(vit_cfg), self.mpp, self.target.outputs), []
 
     def encoder(self, model: nn.Module) -> ViT:
         return model.encoder  # the engine passes the unwrapped module
 
     def targets(self, images: Tensor, positions: Tensor) -> Tensor:
-        """uint8 (B, 3, H, W) images -> targets at (B, K) positions: (B, K), (B, K, 16) or (B, K, 3*p*p)."""
-        t = make_targets(images, self.mpp.target, self.patch, self.mpp.bits)  # (B, N, ...)
+        """uint8 (B, 3, H, W) images -> the target's values at (B, K) positions: (B, K, ...)."""
+        t = self.target.make(images)  # (B, N, ...)
         index = positions.reshape(*positions.shape, *[1] * (t.ndim - 2)).expand(-1, -1, *t.shape[2:])
         return t.gather(1, index)  # (B, K, ...)
 
-    def predictions(self, logits: Tensor) -> Tensor:
-        """(B, K, outputs) -> classes (B, K) / (B, K, 16), or pixels (B, K, 3*p*p)."""
-        if self.mpp.target == "pixels":
-            return logits
-        if self.mpp.target == "downsampled":
-            logits = logits.unflatten(-1, (SUB * SUB, self.num_colours))  # (B, K, 16, C)
-        return logits.argmax(-1)
-
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Cross-entropy (MSE for `pixels`) over the corrupted patches only, plus detached metrics."""
+        """The target's loss (cross-entropy; MSE for `pixels`) over the corrupted patches only, and
+        its detached metrics."""
         images = batch["image"]  # (B, 3, H, W) uint8
-        logits, rec = model(normalize(images))  # (B, K, outputs)
+        logits, rec = model(images)  # (B, K, outputs)
         target = self.targets(images, rec.positions)  # (B, K, ...)
-        kinds = self._present_kinds(images)
-        if self.mpp.target == "pixels":
-            err = (logits.float() - target).pow(2).mean(-1)  # (B, K)
-            loss = err.mean()
-            metrics = {"loss": loss.detach()}
-            metrics.update({f"mse_{name}": _masked_mean(err.detach(), rec.kind == code) for name, code in kinds})
-            return loss, metrics
-
-        scores = logits.float().reshape(*target.shape, self.num_colours)  # (B, K[, 16], C) fp32 for the softmax
-        loss = F.cross_entropy(scores.flatten(0, -2), target.flatten())
-        with torch.no_grad():
-            correct = (scores.argmax(-1) == target).float()  # (B, K[, 16])
-            kind = rec.kind.reshape(*rec.kind.shape, *[1] * (target.ndim - 2)).expand_as(target)  # (B, K[, 16])
-            freq = torch.zeros(self.num_colours, device=target.device).index_add_(
-                0, target.flatten(), torch.ones(target.numel(), device=target.device))  # (C,) no bincount: it syncs
-            metrics = {"loss": loss.detach(), "acc": correct.mean(), "baseline_acc": freq.max() / target.numel()}
-            metrics.update({f"acc_{name}": _masked_mean(correct, kind == code) for name, code in kinds})
-        return loss, metrics
+        return self.target.loss(logits, target, rec.kind, self._present_kinds(images))
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
-        """Colour top-1/top-5 hits and cross-entropy over every corrupted patch (or sub-patch), or
-        the pixels' squared error, the corruption drawn from a fixed-seed generator (the training
-        RNG is left alone)."""
+        """The target's sums (colour top-1/top-5 hits and cross-entropy, or the pixels' squared
+        error) over every corrupted patch, the corruption drawn from a fixed-seed generator (the
+        training RNG is left alone)."""
         images = batch["image"]  # (B, 3, H, W) uint8
         generator = torch.Generator(images.device).manual_seed(0)
-        logits, rec = model(normalize(images), generator)  # (B, K, outputs)
-        target = self.targets(images, rec.positions)  # (B, K[, 16]) or (B, K, 3*p*p)
-        if self.mpp.target == "pixels":
-            return mean_sums(loss=(logits.float() - target).pow(2).mean(-1))  # squared errors (B, K)
-        return classification_sums(logits.reshape(-1, self.num_colours), target.flatten())
+        logits, rec = model(images, generator)  # (B, K, outputs)
+        return self.target.eval_sums(logits, self.targets(images, rec.positions))
 
     def eval_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
-        return mean_metrics(sums) if self.mpp.target == "pixels" else classification_metrics(sums)
+        return self.target.eval_metrics(sums)
 
     def _present_kinds(self, images: Tensor) -> list[tuple[str, int]]:
         """(name, code) of the corruption kinds each image has at least one patch of. Decided from
@@ -174,20 +143,16 @@ class MPPTask(Task):
         images = batch["image"][:4]  # (b, 3, H, W) uint8
         generator = torch.Generator(images.device).manual_seed(0)
         with eval_mode(model):
-            logits, rec = model(normalize(images), generator)  # (b, K, outputs)
-        p, bits, kind = self.patch, self.mpp.bits, rec.kind[..., None]  # kind (b, K, 1)
+            logits, rec = model(images, generator)  # (b, K, outputs)
+        p, kind = self.patch, rec.kind[..., None]  # kind (b, K, 1)
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         x = patchify(images.float() / 255, p)  # (b, N, 3*p*p)
         index = rec.positions[..., None].expand(-1, -1, x.shape[-1])  # (b, K, 3*p*p)
         seen = torch.where(kind == MASK, 0.5, x.flatten(0, 1)[rec.source.clamp(min=0)])  # (b, K, 3*p*p)
         seen = torch.where(kind == KEPT, x.gather(1, index), seen)  # (b, K, 3*p*p)
-        predicted = render(self.predictions(logits), self.mpp.target, p, bits)  # (b, K, 3*p*p)
-        truth = render(make_targets(images, self.mpp.target, p, bits), self.mpp.target, p, bits)  # (b, N, 3*p*p)
+        predicted = self.target.render(self.target.predictions(logits))  # (b, K, 3*p*p)
+        truth = self.target.render(self.target.make(images))  # (b, N, 3*p*p)
         rows = [x, x.scatter(1, index, seen), (0.4 * x).scatter(1, index, predicted), truth]
         tiles = torch.cat([unpatchify(r, p, grid) for r in rows])  # (4*b, 3, H, W)
         return {"mpp/predictions": make_grid(tiles, nrow=images.shape[0], padding=2, pad_value=1.0).clamp(0, 1)}
 
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` where `mask` holds, as a 0-d tensor, without a host sync."""
-    return (values * mask).sum() / mask.sum().clamp(min=1)

@@ -2,10 +2,8 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
-from vitcore.report.attention import cls_attention_map, confusion_image, last_layer_cls_heads, overlay, rollout, save_png
+from vitcore.eval.attention import cls_attention_map, confusion_image, last_layer_cls_heads, overlay, rollout
 from vitcore.model.vit import ViT, ViTConfig
 
 
@@ -93,7 +91,7 @@ def test_confusion_image_without_matplotlib_is_row_normalised(no_matplotlib):
 
 def test_confusion_figure_names_the_classes_writes_the_counts_and_has_a_colour_scale():
     pytest.importorskip("matplotlib")
-    from vitcore.report.attention import _confusion_figure
+    from vitcore.eval.attention import _confusion_figure
 
     counts = torch.tensor([[5., 1., 0.], [2., 7., 1.], [0., 0., 0.]])
     rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
@@ -119,12 +117,3 @@ def test_confusion_image_with_matplotlib_is_a_picture_for_tensorboard():
     with pytest.raises(ValueError, match="2 class names for a 3-class"):
         confusion_image(torch.eye(3), ["a", "b"])
 
-
-def test_save_png_round_trips(tmp_path):
-    image = torch.rand(3, 20, 30)
-    path = tmp_path / "plots" / "x.png"
-    save_png(image, path)
-    with Image.open(path) as png:
-        assert png.size == (30, 20) and png.mode == "RGB"
-        pixels = pil_to_tensor(png).float()  # (3, H, W)
-    assert (pixels / 255 - image).abs().max() <= 0.5 / 255 + 1e-6

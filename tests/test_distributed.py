@@ -25,7 +25,7 @@ cfg = load_config(PretrainConfig, None, sys.argv[1:])
 trainer = Trainer(cfg, MPPTask(cfg))
 trainer.fit()
 rank = trainer.accelerator.process_index
-model = trainer.accelerator.unwrap_model(trainer.model)
+model = trainer.accelerator.unwrap_model(trainer.loop.model)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{cfg.run.out_dir}/../rank{rank}.safetensors")
 trainer.close()
 end_process_group()  # in order, then out without interpreter finalization (vitcore.train.ending)

@@ -34,8 +34,7 @@ def perturb(model: Classifier, seed: int) -> None:
 
 def decays(ema_decay: float, steps: list[int]) -> list[float]:
     """The decay `ClassifyTask.after_step` applies at each step, read off a recording model."""
-    task = ClassifyTask.__new__(ClassifyTask)  # after_step reads only cfg.finetune.ema_decay
-    task.cfg = SimpleNamespace(finetune=SimpleNamespace(ema_decay=ema_decay))
+    task = ClassifyTask(load_config(FinetuneConfig, None, ["init_from=null", f"finetune.ema_decay={ema_decay}"]))
     seen: list[float] = []
     model = SimpleNamespace(ema=object(), update_ema=seen.append)
     for step in steps:
@@ -51,10 +50,14 @@ def test_decay_warms_up_as_timm_then_holds_the_configured_value():
     assert decays(0.99, [1000]) == [0.99]
 
 
-def test_without_an_ema_after_step_updates_nothing():
-    task = ClassifyTask.__new__(ClassifyTask)
-    task.cfg = SimpleNamespace(finetune=SimpleNamespace(ema_decay=0.0))
-    task.after_step(classifier(ema=False), 0)  # update_ema would assert on a model without an EMA
+def test_without_an_ema_after_step_changes_nothing():
+    task = ClassifyTask(load_config(FinetuneConfig, None, ["init_from=null", "finetune.ema_decay=0"]))
+    model = classifier(ema=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task.after_step(model, 0)
+    after = model.state_dict()
+    assert model.ema is None and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_one_update_is_decay_times_ema_plus_the_rest_times_live():

@@ -1,4 +1,4 @@
-"""`python -m vitcore.model.export`: checkpoints of both stages, trained for real, load into timm through
+"""`python -m vitcore.report.export`: checkpoints of both stages, trained for real, load into timm through
 `local-dir:` and give our outputs to 1e-5 on real images, square and non-square; the model card."""
 
 import json
@@ -12,20 +12,20 @@ from PIL import Image
 
 from conftest import real_images
 from vitcore import checkpoint
-from vitcore.data.transforms import eval_transform, normalize, open_image
-from vitcore.model.export import TIMM_ARCHITECTURES, main, timm_architecture
+from vitcore.data.transforms import eval_transform, open_image
+from vitcore.model.inputs import normalize
+from vitcore.report.export import TIMM_ARCHITECTURES, main, timm_architecture
 from vitcore.model.pretrained import load_model
-from vitcore.model.vit import to_timm_state_dict
 
 timm = pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> torch.Tensor:
-    """8 real images, normalised, at 32 px: our evaluation transform's input for the model."""
+    """8 real images at 32 px, float pixels (0-255): our model's input; timm's is `normalize` of it."""
     folder = real_images(tmp_path_factory.mktemp("images"), 8)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return normalize(torch.stack([eval_transform(32)(open_image(f.read_bytes())) for f in files]))  # (8, 3, 32, 32)
+    return torch.stack([eval_transform(32)(open_image(f.read_bytes())) for f in files]).float()  # (8, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +78,12 @@ def test_a_classifier_round_trips_through_timm(classifier, avg_classifier, image
     assert theirs.num_classes == 10 and theirs.pretrained_cfg["label_names"] == meta["classes"]
     # strict: timm's model holds exactly our tensors, nothing left at its own initialisation
     sd = theirs.state_dict()
-    assert sd.keys() == to_timm_state_dict(ours).keys()
-    assert all(torch.equal(sd[k], v) for k, v in to_timm_state_dict(ours).items())
+    assert sd.keys() == ours.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in ours.state_dict().items())
     x = images if size is None else resize(images, size)
     with torch.no_grad():
-        logits, out_ours = theirs(x), ours(x)
-        pooled = theirs.forward_head(theirs.forward_features(x), pre_logits=True)
+        logits, out_ours = theirs(normalize(x)), ours(x)  # our stem normalises; timm's input is normalised
+        pooled = theirs.forward_head(theirs.forward_features(normalize(x)), pre_logits=True)
     assert out_ours.logits.abs().max() > 0.1  # a trained head: the comparison is not of zeros
     torch.testing.assert_close(logits, out_ours.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled, out_ours.pooled, atol=1e-5, rtol=1e-5)
@@ -106,8 +106,8 @@ def test_an_encoder_exports_as_features(pretrained, images, tmp_path, size):
     assert theirs.num_classes == 0 and ours.cfg.num_classes == 0
     x = images if size is None else resize(images, size)
     with torch.no_grad():
-        features, out_ours = theirs(x), ours(x)  # (B, D): the [CLS] token after the final norm
-        tokens = theirs.forward_features(x)  # (B, 1 + N, D)
+        features, out_ours = theirs(normalize(x)), ours(x)  # (B, D): the [CLS] token after the final norm
+        tokens = theirs.forward_features(normalize(x))  # (B, 1 + N, D)
     assert features.shape == (8, 64)
     torch.testing.assert_close(features, out_ours.pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[:, 1:], out_ours.patches, atol=1e-5, rtol=1e-5)

@@ -48,7 +48,7 @@ def test_fine_tunes_a_pretrained_encoder_at_a_higher_resolution(cifar_shards, va
     assert summary["stage"] == "finetune" and summary["steps"] == 4
     ev = summary["eval"]
     assert ev["count"] == 100 and ev["skipped"] == 0 and 0 <= ev["top1"] <= ev["top5"] <= 1
-    assert set(summary["eval_ema"]) == {"top1", "top5"}
+    assert set(summary["eval_ema"]) == {"top1", "top5", "loss"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val/top1" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["val/count"] == 100 for r in evals)
@@ -231,7 +231,7 @@ def test_the_small_data_recipe_pieces_run_together(cifar_shards, val_shards, pre
                    overrides(cifar_shards, val_shards, tmp_path / "ft", init_from=pretrained, **recipe))
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
-    assert summary["eval"]["count"] == 100 and set(summary["eval_ema"]) == {"top1", "top5"}
+    assert summary["eval"]["count"] == 100 and set(summary["eval_ema"]) == {"top1", "top5", "loss"}
     assert checkpoint.load_meta(tmp_path / "ft" / "checkpoints" / "latest")["pooling"] == "avg"
 
 

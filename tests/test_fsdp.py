@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, set_seed
+from torch.distributed.checkpoint.state_dict import set_model_state_dict
 from vitcore import checkpoint, sharding
 from vitcore.config import OptimConfig
 from vitcore.train.ending import end_process_group, exit_now
@@ -80,7 +81,8 @@ sharding.load_optimizer_state(model, optimizer, state)
 before_prepare = train(model, optimizer, range(3, 5))
 
 model, optimizer = build()  # weights loaded after prepare; the same optimizer state loaded a second time
-sharding.load_full_model_state(model, saved_weights if rank == 0 else None)
+# rank 0's full weights scattered into the shards (a copy: torch puts DTensors in the dict it is given)
+set_model_state_dict(model, dict(saved_weights) if rank == 0 else {}, options=sharding.SCATTER)
 sharding.load_optimizer_state(model, optimizer, state)
 after_prepare = train(model, optimizer, range(3, 5))
 
@@ -154,7 +156,7 @@ def test_one_process_round_trip_through_the_same_functions():
     assert {float(s["step"]) for s in optim["state"].values()} == {2.0}  # a snapshot, not the live steps
 
     resumed, resumed_optimizer = build()
-    sharding.load_full_model_state(resumed, weights)
+    resumed.load_state_dict(weights)  # one process: nothing sharded
     sharding.load_optimizer_state(resumed, resumed_optimizer, optim)
     assert torch.equal(next(iter(weights.values())), next(resumed.parameters()))  # the snapshot: step 2's
     train(resumed, resumed_optimizer, [2, 3])

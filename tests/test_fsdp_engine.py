@@ -93,7 +93,7 @@ def _evaluate_in_one_process(weights: dict[str, torch.Tensor], shards: Path, arg
 
     cfg = load_config(PretrainConfig, None, args)
     task = MPPTask(cfg)
-    model = task.build_model()
+    model = task.build_model()[0]
     model.load_state_dict(weights)  # strict: the full weights, keyed as the plain module's
     model.eval()
     accel = Accelerator(cpu=True)

@@ -142,7 +142,7 @@ SMOKE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 import gpu_check
-from vitcore.train.metrics import PEAK_FLOPS
+from vitcore.train.meter import PEAK_FLOPS
 tiny = ["model.variant=Pico/8", "model.image_size=32", "data.batch_size=4"]
 out = {kind: gpu_check.measure(kind, steps=3, warmup=1, cap_s=300, overrides=tiny) for kind in ("mpp", "finetune")}
 out["h200_peak"] = gpu_check.peak_flops("NVIDIA H200", PEAK_FLOPS)

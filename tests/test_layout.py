@@ -57,6 +57,23 @@ def test_imports_between_rooms_run_one_way() -> None:
     assert {"model", "data", "eval", "train", "report"} <= set(edges)
 
 
+# The rooms from the ground up: a module imports only from its own room and the rooms below it.
+# The ground is vitcore's top-level modules (config, checkpoint, rundir, atomic, sharding, ...).
+ORDER = ("ground", "model", "data", "eval", "train", "report")
+
+
+def _level(module: str) -> int:
+    room = _room(module)
+    return ORDER.index(room) if room in ORDER else 0
+
+
+def test_each_room_imports_only_from_the_rooms_below_it() -> None:
+    upward = sorted(f"{module} imports {m}" for path in SOURCES
+                    for module in [".".join(path.relative_to(VITCORE.parent).with_suffix("").parts)]
+                    for m in _imports(path) if _level(m) > _level(module))
+    assert not upward, "imports against the order " + " < ".join(ORDER) + ":\n" + "\n".join(upward)
+
+
 def _docstring_lines(tree: ast.Module) -> set[int]:
     lines = set()
     for node in ast.walk(tree):

@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 
 from pretrain.config import PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, corrupt, corruption_counts, round_half_up
-from pretrain.targets import class_colours, colour_classes, make_targets
+from pretrain.targets import TARGETS, class_colours, colour_classes
 from pretrain.task import MPPTask
-from vitcore.data.transforms import normalize
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-10k.tar"
 
@@ -103,16 +102,16 @@ def test_mean_color_targets_on_a_non_square_grid():
     levels = torch.randint(0, 8, (2, 3, 2, 3), generator=torch.Generator().manual_seed(1))  # (B, rgb, gh, gw)
     images = (levels * 32 + 16).to(torch.uint8).repeat_interleave(8, 2).repeat_interleave(8, 3)  # (2, 3, 16, 24)
     expected = (levels[:, 0] * 64 + levels[:, 1] * 8 + levels[:, 2]).flatten(1)  # (B, 6) row-major
-    assert torch.equal(make_targets(images, "mean_color", 8, 3), expected)
+    assert torch.equal(TARGETS["mean_color"](8, 3).make(images), expected)
     extremes = torch.stack([torch.zeros(3, 8, 8), torch.full((3, 8, 8), 255)]).to(torch.uint8)
-    assert make_targets(extremes, "mean_color", 8, 3).flatten().tolist() == [0, 511]
-    assert make_targets(extremes, "mean_color", 8, 1).flatten().tolist() == [0, 7]
+    assert TARGETS["mean_color"](8, 3).make(extremes).flatten().tolist() == [0, 511]
+    assert TARGETS["mean_color"](8, 1).make(extremes).flatten().tolist() == [0, 7]
 
 
 def test_downsampled_targets_are_4x4_sub_patches_row_major():
     levels = torch.randint(0, 8, (1, 3, 8, 12), generator=torch.Generator().manual_seed(2))  # 2x3 patches of 4x4
     images = (levels * 32 + 16).to(torch.uint8).repeat_interleave(2, 2).repeat_interleave(2, 3)  # (1, 3, 16, 24)
-    t = make_targets(images, "downsampled", 8, 3)
+    t = TARGETS["downsampled"](8, 3).make(images)
     assert t.shape == (1, 6, 16)
     classes = levels[:, 0] * 64 + levels[:, 1] * 8 + levels[:, 2]  # (1, 8, 12)
     for n in range(6):
@@ -122,13 +121,13 @@ def test_downsampled_targets_are_4x4_sub_patches_row_major():
 
 def test_pixel_targets_match_the_patch_embedding_layout():
     images = random_images(2, 16, 24)
-    t = make_targets(images, "pixels", 8, 3)
+    t = TARGETS["pixels"](8, 3).make(images)
     assert t.shape == (2, 6, 192) and 0 <= t.min() and t.max() <= 1
     assert torch.equal(t[1, 4], images[1, :, 8:16, 8:16].flatten().float() / 255)  # row 1, col 1
-    model = task_for().build_model()
+    model = task_for().build_model()[0]
     proj = model.encoder.patch_embed.proj
-    emb, _ = model.encoder.embed_patches(images.float() / 255)  # (2, 6, D)
-    assert torch.allclose(emb, t @ proj.weight.flatten(1).T + proj.bias, atol=1e-5)
+    emb, _ = model.encoder.embed_patches(images)  # (2, 6, D), from pixels the stem maps to [-1, 1]
+    assert torch.allclose(emb, (t - 0.5) / 0.5 @ proj.weight.flatten(1).T + proj.bias, atol=1e-5)
 
 
 def test_class_colours_invert_the_quantisation_at_bin_centres():
@@ -165,7 +164,7 @@ def test_colour_levels_are_exact_at_every_bin_edge(target, patch, cell):
                 blocks = torch.tensor([[_pixels_summing_to(total, n, rng) for _ in range(cells)] for _ in range(3)])
                 side = patch // cell  # (3, cells, n) -> (1, 3, patch, patch), cell by cell row-major
                 image = blocks.reshape(3, side, side, cell, cell).permute(0, 1, 3, 2, 4).reshape(1, 3, patch, patch)
-                t = make_targets(image.to(torch.uint8), target, patch, 3)
+                t = TARGETS[target](patch, 3).make(image.to(torch.uint8))
                 assert (t == level * 73).all(), (k, total, t.flatten().tolist())  # 73 = 64 + 8 + 1
 
 # ---- model, loss, metrics ---------------------------------------------------------------------
@@ -173,7 +172,7 @@ def test_colour_levels_are_exact_at_every_bin_edge(target, patch, cell):
 @pytest.mark.parametrize("target", ["mean_color", "downsampled", "pixels"])
 def test_loss_sees_only_corrupted_positions(target):
     task = task_for(target)
-    model = task.build_model()
+    model = task.build_model()[0]
     grabbed = {}
 
     def keep(module, args, out):
@@ -188,7 +187,7 @@ def test_loss_sees_only_corrupted_positions(target):
     grad = grabbed["x"].grad[:, 1:].abs().sum(-1)  # (B, N)
     touched = torch.zeros_like(grad, dtype=torch.bool)
     torch.manual_seed(0)
-    logits, rec = model(normalize(images))
+    logits, rec = model(images)
     touched.scatter_(1, rec.positions, True)
     assert (grad[~touched] == 0).all() and (grad[touched] > 0).all()
     target_k = task.targets(images, rec.positions)
@@ -203,7 +202,7 @@ def test_loss_sees_only_corrupted_positions(target):
 def test_every_parameter_receives_a_gradient(head):
     task = task_for(head=head)
     task.cfg.model.dropout, task.cfg.model.drop_path = 0.1, 0.1
-    model = task.build_model().train()
+    model = task.build_model()[0].train()
     loss, _ = task.loss(model, batch_of(random_images(4)))
     loss.backward()
     for name, p in model.named_parameters():
@@ -215,7 +214,7 @@ def test_every_parameter_receives_a_gradient(head):
 @pytest.mark.parametrize("target", ["mean_color", "downsampled", "pixels"])
 def test_metrics_are_detached_scalars(target):
     task = task_for(target, keep_prob=0.0, mask_prob=0.9, random_prob=0.1)
-    model = task.build_model()
+    model = task.build_model()[0]
     loss, metrics = task.loss(model, batch_of(random_images(4)))
     assert loss.ndim == 0 and loss.requires_grad
     expected = {"loss", "mse_mask", "mse_random"} if target == "pixels" else \
@@ -230,7 +229,7 @@ def test_loss_needs_no_host_sync(target):
     """On the meta device tensors have no values: any .item(), bincount or branch on a value fails."""
     task = task_for(target)
     with torch.device("meta"):
-        model = task.build_model()
+        model = task.build_model()[0]
         images = torch.empty(4, 3, 32, 32, dtype=torch.uint8)
     loss, metrics = task.loss(model, batch_of(images))
     loss.backward()
@@ -239,7 +238,7 @@ def test_loss_needs_no_host_sync(target):
 
 def test_loss_runs_under_bf16_autocast():
     task = task_for()
-    model = task.build_model()
+    model = task.build_model()[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = task.loss(model, batch_of(random_images(2)))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -248,7 +247,7 @@ def test_loss_runs_under_bf16_autocast():
 @pytest.mark.parametrize("target", ["mean_color", "downsampled", "pixels"])
 def test_visualize_is_an_image_grid(target):
     task = task_for(target, corrupt_ratio=1.0, mask_prob=1.0, random_prob=0.0, keep_prob=0.0)
-    model = task.build_model().train()
+    model = task.build_model()[0].train()
     state = torch.get_rng_state()
     grid = task.visualize(model, batch_of(random_images(6)))["mpp/predictions"]
     assert torch.equal(torch.get_rng_state(), state)  # the training RNG is left alone
@@ -274,7 +273,7 @@ def cifar_images(count: int) -> torch.Tensor:
 def test_mpp_learns_on_real_images():
     torch.manual_seed(0)
     task = task_for("mean_color", "Pico/8", 32)
-    model = task.build_model().train()
+    model = task.build_model()[0].train()
     batch = batch_of(cifar_images(64))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     history = []

@@ -50,7 +50,7 @@ trainer = Trainer(cfg, MPPTask(cfg))
 trainer.fit()
 rank = trainer.accelerator.process_index
 probe = Path(cfg.run.out_dir).parent / f"rank{rank}-step{cfg.run.steps}"
-model = trainer.accelerator.unwrap_model(trainer.model)
+model = trainer.accelerator.unwrap_model(trainer.loop.model)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{probe}.safetensors")
 Path(f"{probe}.json").write_text(json.dumps({"train": keys.get(id(trainer.stream), []),
                                              "eval": keys.get(id(trainer.eval_stream), []), "saves": saves}))

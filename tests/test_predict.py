@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import real_images
 from finetune.predict import main
 from launching import CPU_ENV, ROOT, launch_command
-from vitcore.model.export import main as export
+from vitcore.report.export import main as export
 
 timm = pytest.importorskip("timm")
 

@@ -8,6 +8,7 @@ from pretrain.config import PretrainConfig
 from pretrain.task import MPPModel, MPPTask
 from vitcore.checkpoint import save_checkpoint
 from vitcore.config import ModelConfig, to_dict
+from vitcore.model.inputs import normalize
 from vitcore.model.pos_embed import resample_pos_embed
 from vitcore.model.pretrained import load_encoder
 from vitcore.model.vit import ViT, ViTConfig
@@ -17,7 +18,7 @@ def pretrained(tmp_path, variant="Pico/8", image_size=64, step=5) -> MPPModel:
     """An MPP model saved as the engine's `_save` saves it: weights, meta with arch and encoder prefix."""
     cfg = PretrainConfig(model=ModelConfig(variant=variant, image_size=image_size))
     torch.manual_seed(1)
-    model = MPPTask(cfg).build_model()
+    model = MPPTask(cfg).build_model()[0]
     c = model.encoder.cfg
     meta = {
         "format": 1, "stage": "pretrain", "created": datetime.now(timezone.utc).isoformat(),
@@ -105,18 +106,18 @@ def test_timm_state_dict_loads_and_matches_timm(tmp_path, fmt):
     assert sorted(report.skipped) == ["head.bias", "head.weight"] and report.pos_embed is None
     assert report.source == f"timm state dict {path}"
     assert torch.equal(vit.head.weight, built) and vit.head.out_features == 10  # the head kept as built
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32) * 255  # pixels: our stem normalises them; timm takes them normalised
     with torch.no_grad():
-        torch.testing.assert_close(vit(x).cls, theirs.forward_features(x)[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit(x).cls, theirs.forward_features(normalize(x))[:, 0], atol=1e-5, rtol=1e-5)
 
     # at 64 px: the stored 4x4 grid resampled once, as timm resamples on the fly with dynamic_img_size
     vit = classifier(64)
     assert load_encoder(vit, path).pos_embed == "pos_embed 4x4 -> 8x8"
     dynamic = timm_vit(num_classes=1000, dynamic_img_size=True)
     dynamic.load_state_dict(sd)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.rand(2, 3, 64, 64) * 255
     with torch.no_grad():
-        torch.testing.assert_close(vit(x).cls, dynamic.forward_features(x)[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vit(x).cls, dynamic.forward_features(normalize(x))[:, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_missing_key_is_listed(tmp_path):

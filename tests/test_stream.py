@@ -319,25 +319,3 @@ def test_state_keys_name_the_attributes_holding_them(shard_dir: Path) -> None:
         pass
     check(stream)
     check(ShardStream.exactly_once(str(shard_dir), eval_transform(8), 2, num_workers=0))
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_state_with_the_old_keys_resumes_identically(corrupt_dir: Path, num_workers: int) -> None:
-    """Checkpoints written before the keys were renamed ("segment", "offsets", "num_workers") resume."""
-    def make() -> ShardStream:
-        return ShardStream(str(corrupt_dir), train_transform(8, CROP_SCALE), 2, num_workers=num_workers, shuffle_buffer=6)
-
-    reference = make()
-    expected = _epoch(reference) + _epoch(reference)
-    interrupted = make()
-    head = [b for _, b in zip(range(5), interrupted)]
-    new = json.loads(json.dumps(interrupted.state_dict()))
-    old = {{"plans_start": "segment", "stream_consumed": "offsets", "num_streams": "num_workers"}.get(k, k): v
-           for k, v in new.items()}
-    assert set(old) == {"epoch", "batches", "seed", "skipped", "segment", "rank", "world_size", "num_workers",
-                        "batch_size", "epoch_samples", "offsets"}  # the keys as they were written before
-    resumed = make()
-    resumed.load_state_dict(old)
-    assert resumed.state_dict() == new
-    rest = _epoch(resumed) + _epoch(resumed)
-    assert _same_batches(head + rest, expected) and resumed.skipped == reference.skipped > 0

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from vitcore import checkpoint
 from vitcore.config import ModelConfig, RunConfig, StageConfig
 from vitcore.data import read_index
-from vitcore.data.transforms import eval_transform, normalize, train_transform
+from vitcore.data.transforms import eval_transform, train_transform
 from vitcore.model.vit import ViT, ViTConfig
 from vitcore.report.table import main as report
 from vitcore.rundir import read_metrics
 from vitcore.train.engine import main
-from vitcore.train.task import Task
+from vitcore.train.task import Presentation, Task
 
 
 @dataclass
@@ -47,17 +47,17 @@ class MeanColourTask(Task):
     labeled = False
     metrics = {"mae": "min"}
     best_metric = "mae"
-    report_columns = (("loss", "loss", "{:.4f}"), ("val MAE", "eval.mae", "{:.4f}"))
-    title = "mean colour"
+    presentation = Presentation(title="mean colour",
+                                report_columns=(("loss", "loss", "{:.4f}"), ("val MAE", "eval.mae", "{:.4f}")))
 
     def __init__(self, cfg: ToyConfig) -> None:
         self.cfg = cfg
         self.transform = train_transform(cfg.model.image_size)
         self.eval_transform = eval_transform(cfg.model.image_size)
 
-    def build_model(self) -> nn.Module:
+    def build_model(self) -> tuple[nn.Module, list[str]]:
         m = self.cfg.model
-        return MeanColour(ViT(ViTConfig.from_variant(m.variant, image_size=m.image_size)))
+        return MeanColour(ViT(ViTConfig.from_variant(m.variant, image_size=m.image_size))), []
 
     def encoder(self, model: nn.Module) -> ViT:
         return model.vit
@@ -68,12 +68,12 @@ class MeanColourTask(Task):
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"]
-        loss = F.mse_loss(model(normalize(images)).float(), self.target(images))
+        loss = F.mse_loss(model(images).float(), self.target(images))
         return loss, {}
 
     def eval_sums(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
-        error = (model(normalize(images)).float() - self.target(images)).abs().mean(1)  # (B,)
+        error = (model(images).float() - self.target(images)).abs().mean(1)  # (B,)
         return {"abs_error": error.sum().double(), "images": torch.tensor(float(len(error)), dtype=torch.float64)}
 
     def eval_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -11,7 +11,8 @@ from shard_helpers import encode, make_image
 from torchvision.transforms import v2
 
 from pretrain.task import CROP_SCALE
-from vitcore.data import decode_image, eval_transform, normalize, open_image, train_transform
+from vitcore.data import decode_image, eval_transform, open_image, train_transform
+from vitcore.model.inputs import normalize
 from vitcore.data.transforms import crop_params
 
 

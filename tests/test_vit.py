@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitcore.model.vit import WIDTHS, ViT, ViTConfig, flops_per_image, num_params, to_timm_state_dict
+from vitcore.model.inputs import normalize
+from vitcore.model.vit import WIDTHS, ViT, ViTConfig, flops_per_image
 
 PAPER_VARIANTS = ["Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14"]
 
@@ -25,6 +26,12 @@ def test_forward_shapes_every_variant(variant):
     assert out.patches.shape == (3, 8, dim)
     assert out.logits.shape == (3, 5)
     assert out.attentions == []
+
+
+def num_params(cfg: ViTConfig) -> int:
+    """Parameter count of a config, built on the meta device so ViT-H costs no memory."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in ViT(cfg).parameters())
 
 
 @pytest.mark.parametrize("variant,paper_millions", [("B/16", 86), ("L/16", 307), ("H/14", 632)])
@@ -68,7 +75,7 @@ def test_attention_weights_sum_to_one_and_match_fused_path():
 def test_patch_embedding_conv_equals_patchify_flatten_linear():
     model = ViT(ViTConfig.from_variant("Pico/8", image_size=32))
     x = torch.randn(2, 3, 32, 40)
-    tokens, grid = model.embed_patches(x)
+    tokens, grid = model.patch_embed(x)  # the conv alone, after the stem's normalisation
     p = 8
     patches = x.unfold(2, p, p).unfold(3, p, p)  # (B, C, gh, gw, p, p)
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, grid[0] * grid[1], 3 * p * p)  # (B, N, C*p*p)
@@ -76,6 +83,16 @@ def test_patch_embedding_conv_equals_patchify_flatten_linear():
     linear = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
     assert grid == (4, 5)
     torch.testing.assert_close(tokens, linear, atol=1e-5, rtol=1e-5)
+
+
+def test_the_stem_normalises_pixels_uint8_or_float_alike():
+    model = ViT(ViTConfig.from_variant("Pico/8", image_size=32)).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    tokens, _ = model.embed_patches(pixels)
+    torch.testing.assert_close(tokens, model.patch_embed(normalize(pixels))[0])
+    torch.testing.assert_close(normalize(pixels)[:, :, 0, 0], pixels[:, :, 0, 0].float() / 127.5 - 1)  # [-1, 1]
+    with torch.no_grad():  # MixUp's float pixels on the same 0-255 scale give the same outputs
+        torch.testing.assert_close(model(pixels.float()).patches, model(pixels).patches)
 
 
 def test_init_follows_timm():
@@ -119,9 +136,9 @@ def test_timm_export_matches_outputs():
     torch.nn.init.normal_(ours.head.weight)  # a zero head would make the logit check vacuous
     theirs = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
                                num_classes=7, global_pool="token").eval()
-    theirs.load_state_dict(to_timm_state_dict(ours), strict=True)
-    x = torch.randn(2, 3, 32, 32)
-    feats = theirs.forward_features(x)  # (B, 1+N, D) after the final norm
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # our names are timm's
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)  # pixels: our stem normalises them
+    feats = theirs.forward_features(normalize(x))  # (B, 1+N, D) after the final norm
     out = ours(x)
     torch.testing.assert_close(feats[:, 1:], out.patches, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs.forward_head(feats), out.logits, atol=1e-5, rtol=1e-5)

@@ -27,9 +27,29 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vitcore.atomic import atomic_write_text
-from vitcore.model.vit import parse_variant
 
 T = TypeVar("T")
+
+# Widths from the ViT paper's Table 1 (B, L, H) and DeiT (Ti, S); Pico and Nano are ours, for
+# tests and the 2-core CPU demo. A variant name is "<width>/<patch>", e.g. "B/16" or "Nano/8".
+WIDTHS: dict[str, dict[str, int]] = {
+    "Pico": dict(dim=64, depth=2, heads=2),
+    "Nano": dict(dim=128, depth=6, heads=4),
+    "Ti": dict(dim=192, depth=12, heads=3),
+    "S": dict(dim=384, depth=12, heads=6),
+    "B": dict(dim=768, depth=12, heads=12),
+    "L": dict(dim=1024, depth=24, heads=16),
+    "H": dict(dim=1280, depth=32, heads=16),
+}
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """ "B/16" -> ("B", 16); a ValueError naming the known widths for anything else."""
+    width, _, patch = variant.partition("/")
+    if width not in WIDTHS or not patch.isdigit() or int(patch) <= 0:
+        known = ", ".join(f"{w}/<patch>" for w in WIDTHS)
+        raise ValueError(f"unknown variant {variant!r}; expected one of {known}")
+    return width, int(patch)
 
 
 class ConfigError(ValueError):
@@ -43,7 +63,7 @@ def check(ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    variant: str = "Nano/8"  # "<width>/<patch>", widths in vitcore.model.vit.WIDTHS
+    variant: str = "Nano/8"  # "<width>/<patch>", widths in WIDTHS
     image_size: int = 64  # training resolution (square); position embeddings are stored for it
     dropout: float = 0.0
     drop_path: float = 0.0

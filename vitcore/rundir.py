@@ -40,6 +40,12 @@ def read_metrics(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def is_training_row(row: dict[str, Any]) -> bool:
+    """Whether a metrics.jsonl row is a training window's (evaluation and monitor rows carry
+    `val/` and `probe/` keys only)."""
+    return "loss" in row
+
+
 def append_metrics(run: Path, row: dict[str, Any]) -> None:
     with (run / METRICS).open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -82,7 +88,7 @@ def read_run(run: Path, name: str | None = None) -> dict[str, Any]:
     "eval_<prefix>.<name>" and "probe.<name>" from the summary) and "first" to its first value (the
     first training window; the monitor's scores of the randomly initialised encoder)."""
     summary = read_summary(run)
-    train = [row for row in read_metrics(run) if "loss" in row]  # evaluation rows carry val/ keys only
+    train = [row for row in read_metrics(run) if is_training_row(row)]
     last = dict(summary.get("final") or {})
     for section, values in summary.items():
         if (section == "probe" or section.startswith("eval")) and isinstance(values, dict):

@@ -33,7 +33,6 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 
@@ -54,12 +53,6 @@ def full_model_state(model: nn.Module, accelerator: Accelerator) -> dict[str, to
     a snapshot that later steps leave alone; other ranks: None."""
     state = get_model_state_dict(model, options=GATHER)
     return _snapshot(state, model.state_dict().values()) if accelerator.is_main_process else None
-
-
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
-    """Load a full state dict (rank 0; None elsewhere) into a prepared model, sharded or not."""
-    # a copy: torch replaces the dict's values with the model's DTensors while it loads
-    set_model_state_dict(model, dict(state or {}), options=_load_options())
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:

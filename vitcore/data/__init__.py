@@ -9,20 +9,15 @@ from vitcore.data.sources import Record, Source, open_source
 from vitcore.data.plan import resolve_shards
 from vitcore.data.stream import ShardStream
 from vitcore.data.transforms import (
-    MEAN,
-    STD,
     RandomResizedCropFlip,
     ResizeCenterCrop,
     decode_image,
     eval_transform,
-    normalize,
     open_image,
     train_transform,
 )
 
 __all__ = [
-    "MEAN",
-    "STD",
     "RandomResizedCropFlip",
     "Record",
     "ResizeCenterCrop",
@@ -30,7 +25,6 @@ __all__ = [
     "Source",
     "decode_image",
     "eval_transform",
-    "normalize",
     "open_image",
     "open_source",
     "train_transform",

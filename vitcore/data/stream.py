@@ -43,15 +43,9 @@ from vitcore.data.plan import (
     resolve_shards,
 )
 
-__all__ = ["Batch", "ShardStream", "derive_seed", "resolve_shards"]
+__all__ = ["Batch", "ShardStream", "derive_seed", "first_batch", "naming", "resolve_shards"]
 
 log = logging.getLogger(__name__)
-
-# Checkpoints written before the state keys were named after the attributes holding them used these
-# keys; `load_state_dict` renames them so that those runs still resume. ("num_workers" held the
-# stream count, max(num_workers, 1), not the worker count.)
-_OLD_STATE_KEYS = {"segment": "plans_start", "offsets": "stream_consumed", "num_workers": "num_streams"}
-
 
 @contextmanager
 def _gc_frozen_for_fork() -> Iterator[None]:
@@ -276,7 +270,6 @@ class ShardStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict` position: the next `iter()` yields the batches after it."""
-        state = {_OLD_STATE_KEYS.get(key, key): value for key, value in state.items()}
         self.seed, self.epoch, self._batches = int(state["seed"]), int(state["epoch"]), int(state["batches"])
         self._skipped_before, self._stream_skipped = int(state["skipped"]), [0] * self._num_streams
         layout = ("world_size", "num_streams", "batch_size", "epoch_samples")
@@ -298,3 +291,27 @@ class ShardStream:
         log.warning("data stream resumed with a different world_size/num_workers/batch_size/epoch_samples: the "
                     "rest of epoch %d is freshly resampled from batch %d", self.epoch, self._batches)
         self._plans_start, self._stream_consumed = self._batches, None
+
+
+def first_batch(urls: str | list[str], transform: Transform, n: int, labeled: bool) -> Batch:
+    """The first `n` samples of the shards, in the order they are stored, as one batch: fixed
+    images to draw from while a model trains."""
+    stream = ShardStream.exactly_once(urls, transform, n, num_workers=0, labeled=labeled)
+    batches = iter(stream)
+    try:
+        return next(batches)
+    finally:
+        batches.close()
+        stream.close()
+
+
+@contextmanager
+def naming(key: str | None, only: type[Exception] | tuple[type[Exception], ...] = ValueError) -> Iterator[None]:
+    """A shard set's error (missing files: FileNotFoundError; no labels, other classes, or `only`)
+    raised again with its message led by the config key that named the set."""
+    try:
+        yield
+    except (FileNotFoundError, only) as e:
+        if key is None:
+            raise
+        raise type(e)(f"{key}: {e}") from None

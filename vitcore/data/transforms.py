@@ -1,8 +1,7 @@
 """Image decoding and augmentation: JPEG bytes -> PIL -> uint8 (3, H, W) tensors.
 
-Pixels stay uint8 and unnormalised until they reach the device: that keeps worker-to-trainer
-traffic 4x smaller than float32, and the MPP targets are computed from the real pixel values.
-`normalize` then maps a uint8 batch to the model's input range on whatever device it sits.
+Pixels stay uint8 and unnormalised: the model's stem normalises them on the device
+(`vitcore.model.inputs`), which keeps worker-to-trainer traffic 4x smaller than float32.
 
 The transforms are fused for speed at small resolutions, where per-image fixed costs dominate.
 Each takes an image straight from `open_image` (header read, pixels not decoded yet), chooses
@@ -26,10 +25,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
-# The ViT paper and big_vision feed pixels in [-1, 1]; not the ImageNet statistics.
-MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
-STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-EVAL_CROP_FRACTION = 0.875  # resize to size / 0.875, then centre-crop `size` (the usual 224 <- 256)
+from vitcore.model.inputs import EVAL_CROP_FRACTION
+
 DEFAULT_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults: the crops' area fraction
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 
@@ -190,15 +187,3 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
     image.load()
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
-
-def normalize(images: Tensor) -> Tensor:
-    """Map uint8 images (B, 3, H, W) or (3, H, W) to float32 model inputs, on their own device."""
-    mean, std = _stats(images.device)
-    return (images.to(torch.float32) / 255.0 - mean) / std
-
-
-@functools.lru_cache(maxsize=None)
-def _stats(device: torch.device) -> tuple[Tensor, Tensor]:
-    """(3, 1, 1) mean and std, made once per device: a new tensor every step would be a
-    host-to-device copy (and a sync) on every step."""
-    return torch.tensor(MEAN, device=device).view(-1, 1, 1), torch.tensor(STD, device=device).view(-1, 1, 1)

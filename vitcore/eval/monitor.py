@@ -5,8 +5,7 @@ apart from the training data, and attention maps of a few validation images."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -14,11 +13,12 @@ from accelerate import Accelerator
 
 from vitcore.config import MonitorConfig
 from vitcore.data import ShardStream
+from vitcore.data.stream import first_batch, naming
 from vitcore.data.classes import check_same_classes
 from vitcore.eval.loop import eval_mode
 from vitcore.eval.probes import extract_features, probe_scores
 from vitcore.model.vit import ViT
-from vitcore.report.attention import attention_maps
+from vitcore.eval.attention import attention_maps
 
 
 class FeatureMonitor:
@@ -30,18 +30,19 @@ class FeatureMonitor:
         self.cfg, self.accelerator = cfg, accelerator
         self.streams: list[ShardStream] = []
         for key in ("train_shards", "val_shards"):
-            with _naming(f"monitor.{key}"):
+            with naming(f"monitor.{key}"):
                 self.streams.append(ShardStream.exactly_once(
                     getattr(cfg, key), transform, cfg.batch_size, rank=accelerator.process_index,
                     world_size=accelerator.num_processes, num_workers=cfg.num_workers, seed=seed, labeled=True,
                     pin_memory=pin_memory))
-        with _naming("monitor.val_shards"):
+        with naming("monitor.val_shards"):
             check_same_classes(self.streams[0].classes, self.streams[1].classes,
                                f"monitor.train_shards: {cfg.train_shards}", f"monitor.val_shards: {cfg.val_shards}")
         self.images: torch.Tensor | None = None  # (n, 3, H, W) uint8 validation images for the attention maps
         if cfg.images and (accelerator.is_main_process or forwards_on_every_rank):  # FSDP: every rank runs them
-            first = ShardStream.exactly_once(cfg.val_shards, transform, cfg.images, num_workers=0, labeled=True)
-            self.images = next(iter(first))["image"].to(accelerator.device)
+            with naming("monitor.val_shards"):
+                self.images = first_batch(cfg.val_shards, transform, cfg.images, labeled=True)["image"]
+            self.images = self.images.to(accelerator.device)
         self.seconds = 0.0  # time spent monitoring, reported in summary.json
 
     def __call__(self, vit: ViT, prepared: nn.Module) -> tuple[dict[str, float], dict[str, torch.Tensor], list[str]]:
@@ -61,11 +62,3 @@ class FeatureMonitor:
         self.seconds += seconds
         return {**scores, "seconds": seconds, "images": float(len(val.keys))}, maps, warnings
 
-
-@contextmanager
-def _naming(key: str) -> Iterator[None]:
-    """A bad shard set's error (missing files, no labels, other classes), its message led by `key`."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"{key}: {e}") from None

@@ -26,7 +26,6 @@ from accelerate.utils import gather_object
 from torch import Tensor
 
 from vitcore.data import ShardStream
-from vitcore.data.transforms import normalize
 from vitcore.eval.loop import device_batches
 from vitcore.model.vit import ViT
 
@@ -67,7 +66,7 @@ def extract_features(accelerator: Accelerator, vit: ViT, stream: ShardStream, de
     skipped_before = stream.skipped
     for batch, real in device_batches(accelerator, stream, desc):
         with accelerator.autocast():
-            out = vit(normalize(batch["image"]))
+            out = vit(batch["image"])
         if not real:  # a stand-in forward: FSDP's all-gathers stay matched across ranks
             continue
         rows["cls"].append(out.cls.float())  # (B, D)

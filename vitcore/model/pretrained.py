@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from vitcore import checkpoint
 from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
-from vitcore.model.vit import WIDTHS, ViT, ViTConfig
+from vitcore.config import WIDTHS
+from vitcore.model.vit import ViT, ViTConfig
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 OPTIONAL = ("head.weight", "head.bias")  # the target's classifier: kept as built (freshly initialised)

@@ -1,7 +1,7 @@
 """The Vision Transformer encoder (Dosovitskiy et al., 2021), readable in one sitting.
 
 Submodules are named as in timm's `VisionTransformer` (patch_embed.proj, blocks.i.attn.qkv, ...)
-so that exporting our weights to timm is a key-for-key copy; see `to_timm_state_dict`.
+so that our state dict is timm's: exporting the weights is a key-for-key copy (`vitcore.report.export`).
 """
 
 from __future__ import annotations
@@ -13,29 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitcore.config import WIDTHS, parse_variant
+from vitcore.model.inputs import normalize
 from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
-
-# Widths from the ViT paper's Table 1 (B, L, H) and DeiT (Ti, S); Pico and Nano are ours, for
-# tests and the 2-core CPU demo. A variant name is "<width>/<patch>", e.g. "B/16" or "Nano/8".
-WIDTHS: dict[str, dict[str, int]] = {
-    "Pico": dict(dim=64, depth=2, heads=2),
-    "Nano": dict(dim=128, depth=6, heads=4),
-    "Ti": dict(dim=192, depth=12, heads=3),
-    "S": dict(dim=384, depth=12, heads=6),
-    "B": dict(dim=768, depth=12, heads=12),
-    "L": dict(dim=1024, depth=24, heads=16),
-    "H": dict(dim=1280, depth=32, heads=16),
-}
-
-
-def parse_variant(variant: str) -> tuple[str, int]:
-    """ "B/16" -> ("B", 16); a ValueError naming the known widths for anything else."""
-    width, _, patch = variant.partition("/")
-    if width not in WIDTHS or not patch.isdigit() or int(patch) <= 0:
-        known = ", ".join(f"{w}/<patch>" for w in WIDTHS)
-        raise ValueError(f"unknown variant {variant!r}; expected one of {known}")
-    return width, int(patch)
-
 
 @dataclass
 class ViTConfig:
@@ -191,11 +171,13 @@ class ViT(nn.Module):
                 m.reset_parameters()
 
     def embed_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, Grid]:
-        """(B, 3, H, W) normalised images -> (B, N, D) patch embeddings, before positions are added.
+        """(B, 3, H, W) pixels on the 0-255 scale (uint8; float after MixUp) -> (B, N, D) patch
+        embeddings, before positions are added. The stem normalises the pixels here, the one place
+        (`vitcore.model.inputs`): an exported timm model gets the statistics in its pretrained_cfg.
 
         Split from `forward_tokens` so a task can corrupt embeddings in between (MPP does).
         """
-        return self.patch_embed(images)
+        return self.patch_embed(normalize(images))
 
     def forward_tokens(
         self, tokens: torch.Tensor, grid: Grid, return_attention: bool = False
@@ -215,6 +197,7 @@ class ViT(nn.Module):
         return ViTOutput(cls=x[:, 0], patches=x[:, 1:], pooled=pooled, logits=logits, attentions=attentions)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False) -> ViTOutput:
+        """(B, 3, H, W) pixels on the 0-255 scale -> encoder outputs."""
         return self.forward_tokens(*self.embed_patches(images), return_attention=return_attention)
 
     def no_weight_decay(self) -> set[str]:
@@ -234,12 +217,6 @@ class ViT(nn.Module):
         return self.cfg.depth + 1
 
 
-def num_params(cfg: ViTConfig) -> int:
-    """Parameter count of a config, built on the meta device so ViT-H costs no memory."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in ViT(cfg).parameters())
-
-
 def flops_per_image(cfg: ViTConfig, image_size: tuple[int, int] | None = None) -> int:
     """Forward matmul FLOPs for one image (2 per multiply-add), as in nanoGPT's estimate_mfu."""
     gh, gw = grid_size(image_size or cfg.image_size, cfg.patch_size)
@@ -248,14 +225,4 @@ def flops_per_image(cfg: ViTConfig, image_size: tuple[int, int] | None = None) -
     per_block = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * cfg.mlp_ratio * d
     head = 2 * d * cfg.num_classes
     return patch + cfg.depth * per_block + head
-
-
-def to_timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:
-    """Our weights under timm `VisionTransformer` key names (the module names already match).
-
-    Load into the timm model of the same shape, e.g. for B/16 at 224 px
-    `timm.create_model("vit_base_patch16_224", num_classes=...).load_state_dict(sd)` (pass `img_size`
-    for other sizes); a model without a head loads into timm with num_classes=0.
-    """
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

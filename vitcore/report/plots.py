@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vitcore.rundir import read_metrics, read_summary
+from vitcore.rundir import is_training_row, read_metrics, read_summary
 
 Rows = list[dict[str, Any]]
 Run = tuple[str, dict[str, Any], Rows]  # (name, summary, metrics rows)
@@ -50,8 +50,8 @@ def _series(rows: Rows, key: str, scale: float = 1.0) -> tuple[list[int], list[f
 
 
 def _title(summary: dict[str, Any]) -> str:
-    """The word for a run's task in titles (its summary's "title"; older runs: the stage name)."""
-    return str(summary.get("title") or summary.get("stage") or "?")
+    """The word for a run's task in titles (its summary's "title")."""
+    return str(summary["title"])
 
 
 def _groups(runs: list[Run], key: str) -> list[str]:
@@ -72,7 +72,7 @@ def training_curves(runs: list[Run], path: Path) -> Path | None:
     for ax, (title, name, keys) in zip(axes, panels):
         percent = list(keys) != ["loss"]  # accuracy-like panels in %
         for run, s, rows in runs:
-            train = [r for r in rows if "loss" in r and _title(s) == title]  # evaluation rows carry val/ keys only
+            train = [r for r in rows if is_training_row(r) and _title(s) == title]
             if not train:
                 continue
             color = None

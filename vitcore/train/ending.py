@@ -9,13 +9,14 @@ exits with the ending's status and one line on stderr:
     75      preempted (SIGTERM, SIGUSR1), after a checkpoint    preempted: ...
     130     Ctrl-C (SIGINT), after the checkpoint being written is complete    interrupted: ...
 
-The launcher's death sends every worker SIGTERM (`vitcore.train.engine`), so it ends as a
+The launcher's death sends every worker SIGTERM (`exit_with_launcher`), so it ends as a
 preemption would. Anything else (a bug) keeps its traceback, after the same teardown. A launched
 process then leaves through `run_process`, which skips interpreter finalization.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -147,3 +148,16 @@ class Ending:
         if error is not None and kind is None:  # a closer's unexpected error, with nothing in flight
             raise error
         return None  # a bug: its traceback follows
+
+
+def exit_with_launcher() -> None:
+    """Under torch's elastic agent (`accelerate launch` with several processes) each worker has a
+    session of its own, so killing the launcher's process group misses it: ask the kernel for SIGTERM
+    when the parent, the launcher, dies (prctl rather than a thread polling getppid: nothing runs,
+    and the signal is immediate). A run started by hand is left alone, so nohup keeps working."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request: no signal would come
+        raise SystemExit("error: the launcher exited before training started")

@@ -31,8 +31,8 @@ from vitcore.data import ShardStream
 from vitcore.train.optim import build_optimizer
 from vitcore.train.task import Task
 
-# train_state.pt's "optimizer_format": "by_name", `sharding.optimizer_state`'s layout, loadable by any
-# launch; without the key (older checkpoints), `optimizer.state_dict()`'s, keyed by parameter index
+# train_state.pt's "optimizer_format": `sharding.optimizer_state`'s layout, keyed by parameter name and
+# loadable by any launch (one process, DDP, FSDP2)
 OPTIMIZER_BY_NAME = "by_name"
 
 
@@ -199,11 +199,12 @@ class RunState:
 
     # -- restore and save -----------------------------------------------------------------------
 
-    def restore(self, resume_from: Path | None) -> tuple[nn.Module, Any, Progress]:
-        """Build model and optimizer; load the checkpoint to resume from (rank 0's choice), if any."""
+    def restore(self, resume_from: Path | None) -> tuple[nn.Module, Any, Progress, list[str]]:
+        """Build model and optimizer; load the checkpoint to resume from (rank 0's choice), if any.
+        Returns them prepared, the progress, and the lines the task's `build_model` wants printed."""
         cfg, accel = self.cfg, self.accelerator
         set_seed(cfg.run.seed)  # identical initialisation on every rank
-        model = self.task.build_model()
+        model, lines = self.task.build_model()
         optimizer = build_optimizer(model, cfg.optim)
         progress = Progress()
         if resume_from is not None:
@@ -216,14 +217,10 @@ class RunState:
             # process group, and read only the small entries (data positions, progress)
             with _loading(resume_from, checkpoint.STATE):
                 state = checkpoint.load_train_state(resume_from, mmap=not accel.is_main_process)
-            if state.get("optimizer_format") == OPTIMIZER_BY_NAME:
-                sharding.load_optimizer_state(model, optimizer, state["optimizer"] if accel.is_main_process else None)
-            elif self.sharded:
-                raise TrainingError(f"{resume_from}: its optimizer state is keyed by parameter index (saved before "
-                                    "FSDP support); resume it under DDP or in one process, and its next checkpoint "
-                                    "will load under FSDP")
-            else:
-                optimizer.optimizer.load_state_dict(state["optimizer"])
+            if state.get("optimizer_format") != OPTIMIZER_BY_NAME:
+                raise TrainingError(f"{resume_from}: its optimizer state is not keyed by parameter name (an earlier "
+                                    "version's format, which that version resumes)")
+            sharding.load_optimizer_state(model, optimizer, state["optimizer"] if accel.is_main_process else None)
             ranks = state["data"]  # one stream position per rank: sample offsets and skip counts differ
             self.stream.load_state_dict(ranks[accel.process_index] if accel.process_index < len(ranks) else ranks[0])
             progress = Progress(**{k: state[k] for k in Progress.__dataclass_fields__ if k in state})
@@ -232,7 +229,7 @@ class RunState:
         if accel.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / rundir.CONFIG)
-        return model, optimizer, progress
+        return model, optimizer, progress, lines
 
     def save(self, model: nn.Module, optimizer: Any, progress: Progress, best: bool) -> None:
         accel = self.accelerator

@@ -10,15 +10,12 @@ takes them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.utils import make_grid
 
-from vitcore.data.transforms import normalize
 from vitcore.model.pos_embed import Grid, grid_size
 from vitcore.model.vit import ViT
 
@@ -125,7 +122,7 @@ def attention_maps(vit: ViT, images: torch.Tensor) -> dict[str, torch.Tensor]:
     mode) looks on uint8 (B, 3, H, W) `images`: the rollout of [CLS] over all blocks, and the last
     block's [CLS] attention per head."""
     with torch.no_grad():
-        attentions = vit(normalize(images), return_attention=True).attentions
+        attentions = vit(images, return_attention=True).attentions
     grid = grid_size((images.shape[-2], images.shape[-1]), vit.cfg.patch_size)
     return {"attention_rollout": overlay(images, cls_attention_map(attentions, grid)),
             "attention_heads": head_overlays(images, last_layer_cls_heads(attentions, grid))}
@@ -215,12 +212,3 @@ def _heat_map(rates: torch.Tensor, cell: int) -> torch.Tensor:
         image[:, :, lines] = 0.5
     return image
 
-
-def save_png(image: torch.Tensor, path: str | Path) -> None:
-    """Write a (3, H, W) float image in [0, 1] (e.g. from `overlay`) to a PNG, creating its folder."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a (3, H, W) image, got {tuple(image.shape)}")
-    pixels = (image.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)  # (3, H, W)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(path)

@@ -16,7 +16,7 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 9
               "L40S": 362e12, "A10G": 125e12}
 
 
-class Window:
+class TrainMeter:
     """Training metrics of one logging window, accumulated on the device (no host sync)."""
 
     def __init__(self, device: torch.device, nonfinite: int = 0) -> None:

@@ -1,6 +1,6 @@
 """Export a checkpoint as a folder that timm loads the way it loads a Hugging Face hub model.
 
-    python -m vitcore.model.export --checkpoint runs/finetune/checkpoints/best --out exported/ [--image-size S [W]]
+    python -m vitcore.report.export --checkpoint runs/finetune/checkpoints/best --out exported/ [--image-size S [W]]
 
     model = timm.create_model("local-dir:exported/", pretrained=True)  # same outputs as ours
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
@@ -46,9 +46,9 @@ from safetensors.torch import save_file
 from vitcore import PROJECT, checkpoint, rundir
 from vitcore.atomic import atomic_write_text, commit
 from vitcore.data.index import read_index
-from vitcore.data.transforms import EVAL_CROP_FRACTION, MEAN, STD
+from vitcore.model.inputs import EVAL_CROP_FRACTION, MEAN, STD
 from vitcore.model.pretrained import load_model
-from vitcore.model.vit import ViT, to_timm_state_dict
+from vitcore.model.vit import ViT
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 # timm's plain ViT entry points (class token, learned positions, LayerNorm, GELU MLP), by their
@@ -164,7 +164,7 @@ def model_card(vit: ViT, meta: dict[str, Any], config: dict[str, Any], ckpt: Pat
     measured = _measured(meta, ckpt)
     lines = front_matter(vit, recipe, not measured[0].startswith("No measured"), license) + [
         f"# {out.resolve().name}: ViT {arch.get('variant', '')} ({stage} checkpoint, step {meta['step']})", "",
-        "Exported with `python -m vitcore.model.export`.", "",
+        "Exported with `python -m vitcore.report.export`.", "",
         "| | |", "|---|---|",
         f"| architecture | ViT {arch.get('variant', '')}: dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, "
         f"patch {cfg.patch_size}, MLP ratio {cfg.mlp_ratio}; timm `{config['architecture']}` with `model_args` |",
@@ -239,7 +239,7 @@ def export(path: str | Path, out: str | Path, image_size: tuple[int, int] | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = timm_config(vit, meta)
-    weights = {k: v.contiguous() for k, v in to_timm_state_dict(vit).items()}
+    weights = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}  # timm's names already
     tmp = out / f".{WEIGHTS}.{os.getpid()}.tmp"
     try:
         save_file(weights, tmp, metadata={"format": "pt"})  # "pt": how timm's and HF's own exports mark it
