@@ -20,11 +20,11 @@ from finetune.config import FinetuneConfig
 from vitcore.config import ConfigError
 from vitcore.data import read_index
 from vitcore.data.transforms import eval_transform, train_transform
+from vitcore.eval.attention import attention_maps, confusion_image
 from vitcore.eval.loop import eval_mode
 from vitcore.eval.metrics import classification_metrics, classification_sums, prediction_rows
 from vitcore.model.pretrained import load_encoder
 from vitcore.model.vit import ViT, ViTConfig, flops_per_image
-from vitcore.eval.attention import attention_maps, confusion_image
 from vitcore.train.task import TRAINED, Presentation, Task
 
 

@@ -37,7 +37,8 @@ def _fake_run(run: Path, stage: str, images: dict[str, torch.Tensor]) -> Path:
             rows.append(probe(step))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
     declared = ({"title": "pretraining", "curves": [["train loss", ["loss"]], ["MPP accuracy", ["acc", "baseline_acc"]]]}
-                if stage == "pretrain" else {"title": "fine-tuning", "curves": [["train loss", ["loss"]]]})
+                if stage == "pretrain" else {"title": "fine-tuning", "curves": [["train loss", ["loss"]]],
+                                             "evaluated": ["model", "ema"]})
     (run / "summary.json").write_text(json.dumps({"stage": stage, "steps": 6, "final": rows[-1], **declared}))
     writer = SummaryWriter(str(run))
     for row in rows:

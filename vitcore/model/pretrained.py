@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from vitcore import checkpoint
-from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
 from vitcore.config import WIDTHS
+from vitcore.model.pos_embed import Grid, grid_size, resample_pos_embed
 from vitcore.model.vit import ViT, ViTConfig
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")

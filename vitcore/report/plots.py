@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcore.rundir import is_training_row, read_metrics, read_summary
+from vitcore.train.task import metric_key
 
 Rows = list[dict[str, Any]]
 Run = tuple[str, dict[str, Any], Rows]  # (name, summary, metrics rows)
@@ -99,9 +100,11 @@ def val_top1(runs: list[Run], path: Path) -> Path | None:
             if _title(s) != title or not any("val/top1" in r for r in rows):
                 continue
             (line,) = ax.plot(*_series(rows, "val/top1", 100), marker="o", label=name)
-            if any("val/ema_top1" in r for r in rows):
-                ax.plot(*_series(rows, "val/ema_top1", 100), marker="s", ls="--", color=line.get_color(),
-                        label=f"{name} (EMA)")
+            for other in s.get("evaluated", [])[1:]:  # weights evaluated beside the trained ones (an EMA)
+                key = f"val/{metric_key(other, 'top1')}"
+                if any(key in r for r in rows):
+                    ax.plot(*_series(rows, key, 100), marker="s", ls="--", color=line.get_color(),
+                            label=f"{name} ({other})")
         ax.set(title=f"{title}: validation top-1", xlabel=f"{title} step", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

@@ -59,8 +59,9 @@ def numbers(runs: list[dict[str, Any]], gains: list[tuple[str, str]] = ()) -> di
         entry = {k: s.get(k) for k in ("stage", "steps", "samples", "train_flops", "wall_time_s", "img_s")}
         entry.update({k: v for k, v in (s.get("eval") or {}).items() if k in ("top1", "top5", "count")})
         entry.update({key: r["last"][key] for _, key, _ in columns(runs) if key in r["last"]})
-        if s.get("eval_ema"):
-            entry["ema"] = s["eval_ema"]
+        for other in s.get("evaluated", [])[1:]:  # weights evaluated beside the trained ones: "ema"
+            if s.get(f"eval_{other}"):
+                entry[other] = s[f"eval_{other}"]
         out[r["run"]] = entry
     by_name = {r["run"]: r for r in runs}
     for a, b in gains:

@@ -109,4 +109,4 @@ class Task(ABC):
         """What summary.json records of the task for the report and the plots."""
         shown = asdict(self.presentation)
         return {"stage": self.name, "columns": shown["report_columns"], "title": shown["title"],
-                "curves": shown["curves"], "metrics": self.metrics}
+                "curves": shown["curves"], "metrics": self.metrics, "evaluated": list(self.evaluated)}
