@@ -21,7 +21,7 @@ median images/s (wall time of the whole write, start-up and source listing inclu
 ImageNet-1k on 16 cores. It also times the listing pass over the tar archive (`--tar`: every member
 header, no image data; what each task of a tar source repeats before it writes).
 
-    python benchmarks/shard_writer.py [--images 400] [--repeats 3] [--size 112]
+    python benchmarks/shard_writer.py [--images 2000] [--repeats 3] [--size 112]
 
 Prints a markdown table and writes benchmarks/results/shard_writer.json.
 """
@@ -146,7 +146,7 @@ def same_shards(a: Path, b: Path) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tar", type=Path, default=DEFAULT_TAR)
-    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--images", type=int, default=2000, help="at 400 the fixed costs (workers, listing) weigh")
     p.add_argument("--size", type=int, default=112, help="shorter side of the written images")
     p.add_argument("--samples-per-shard", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3, help="runs per writer (the median is reported)")
