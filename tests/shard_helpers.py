@@ -1,4 +1,5 @@
-"""Helpers for the data tests: a class-folder image source, and shard folders built by hand.
+"""Helpers for the data tests: a class-folder image source, shard folders built by hand, and a
+writer killed part-way (`kill_after`).
 
 The `image_folder`, `shard_dir` and `make_shards` fixtures in conftest.py use these; tests import
 the constants and the readers (`read_tar`, `folder_keys`, `encode`) directly.
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import io
 import random
+import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -85,3 +90,24 @@ def build_shards(folder: Path, shards: dict[str, list[Sample]], classes: list[st
     if index:
         write_index(folder, [{"name": name, "samples": len(samples)} for name, samples in shards.items()], classes)
     return folder
+
+
+def kill_after(writer: subprocess.Popen, record: Path, settle: float = 0.0,
+               before_kill: Callable[[], Any] | None = None) -> Any:
+    """SIGKILL a shard writer once `record` (a shard's progress record: the shard and its record are
+    both on disk) exists, `settle` seconds later; it must still be running then (killed mid-way, not
+    done). Returns what `before_kill` returns (called just before the signal)."""
+    try:
+        deadline = time.monotonic() + 120
+        while not record.exists():
+            assert writer.poll() is None, f"the writer exited (status {writer.returncode}) before {record.name}"
+            assert time.monotonic() < deadline, f"no {record.name} after 120 s"
+            time.sleep(0.01)
+        time.sleep(settle)
+        seen = before_kill() if before_kill else None
+        writer.send_signal(signal.SIGKILL)
+        assert writer.wait() == -signal.SIGKILL, "the writer had finished before the kill"
+        return seen
+    finally:
+        if writer.poll() is None:
+            writer.kill()

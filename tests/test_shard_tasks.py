@@ -6,15 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from launching import CPU_ENV, ROOT, launch_command
-from shard_helpers import write_image_folder
+from shard_helpers import kill_after, write_image_folder
 from test_shards_parallel import snapshot
 
 from vitcore.data.plan import resolve_shards
@@ -150,18 +148,7 @@ def test_a_task_killed_midway_resumes_to_the_same_files(source: Path, tmp_path: 
     task0 = subprocess.run([*cmd, "0"], env=ENV, capture_output=True, text=True, timeout=120)
     assert task0.returncode == 0 and "task 0 of 2 wrote its shards" in task0.stdout, task0.stderr
     task1 = subprocess.Popen([*cmd, "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / PROGRESS_DIR / "shard-000004.json").exists():  # the shard and its record
-            assert task1.poll() is None and time.monotonic() < deadline, "task 1 wrote no shards"
-            time.sleep(0.05)
-        time.sleep(0.3)  # let it run into the FIFO
-        assert task1.poll() is None  # blocked on the FIFO: mid-way, not done
-        task1.send_signal(signal.SIGKILL)
-        task1.wait()
-    finally:
-        if task1.poll() is None:
-            task1.kill()
+    kill_after(task1, out / PROGRESS_DIR / "shard-000004.json", settle=0.3)  # blocked on the FIFO by then
     assert not (out / "index.json").exists() and not (out / "shard-000005.tar").exists()
     assert "task(s) 1 of 2" in str(pytest.raises(FileNotFoundError, resolve_shards, str(out)).value)
     kept = {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")}
@@ -246,18 +233,9 @@ def test_a_task_killed_on_real_data_resumes_to_the_same_bytes(tmp_path: Path) ->
     cmd = [sys.executable, "-m", "vitcore.data.shards", *args, "--out", str(out), "--num-tasks", "2", "--task-index"]
     main([*args, "--out", str(out), "--num-tasks", "2", "--task-index", "0"])
     task1 = subprocess.Popen([*cmd, "1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        # Its record, not only the shard: a kill between the shard's rename and its record (a few ms)
-        # leaves a shard the rerun cannot trust, so it writes that one again too (and says no "resuming").
-        while not (out / PROGRESS_DIR / "shard-000006.json").exists():
-            assert task1.poll() is None and time.monotonic() < deadline, "task 1 wrote no shard"
-            time.sleep(0.01)
-        task1.send_signal(signal.SIGKILL)
-        assert task1.wait() == -signal.SIGKILL
-    finally:
-        if task1.poll() is None:
-            task1.kill()
+    # Its record, not only the shard: a kill between the shard's rename and its record (a few ms)
+    # leaves a shard the rerun cannot trust, so it writes that one again too (and says no "resuming").
+    kill_after(task1, out / PROGRESS_DIR / "shard-000006.json")
     assert not (out / "index.json").exists()  # killed part-way: its last shards are missing
     rerun = subprocess.run([*cmd, "1"], env=ENV, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "resuming" in rerun.stderr, rerun.stderr

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from shard_helpers import write_image_folder
+from shard_helpers import kill_after, write_image_folder
 
 from vitcore.data.shard_resume import PLAN_NAME, PROGRESS_DIR
 from vitcore.data.shards import main, shuffled_order, write_shards
@@ -120,20 +119,8 @@ def test_a_writer_killed_midway_resumes_to_the_same_files(source: Path, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(tmp_path / "log.txt", "wb") as log:
         writer = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / PROGRESS_DIR / "shard-000002.json").exists():  # the shard and its record
-            assert writer.poll() is None, (tmp_path / "log.txt").read_text()
-            assert time.monotonic() < deadline, "the writer wrote no shards"
-            time.sleep(0.05)
-        time.sleep(0.3)  # let it run into the FIFO
-        workers = _children(writer.pid)
-        assert writer.poll() is None  # blocked on the FIFO: mid-way, not done
-        writer.send_signal(signal.SIGKILL)
-        writer.wait()
-    finally:
-        if writer.poll() is None:
-            writer.kill()
+    # 0.3 s to run into the FIFO; its workers' pids read just before the kill
+    workers = kill_after(writer, out / PROGRESS_DIR / "shard-000002.json", 0.3, lambda: _children(writer.pid))
     assert not (out / "index.json").exists() and (out / PROGRESS_DIR / PLAN_NAME).exists()
     kept = {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")}
     assert 3 <= len(kept) < len(list((tmp_path / "whole").glob("shard-*.tar")))
