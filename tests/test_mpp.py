@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from pretrain.config import PretrainConfig
 from pretrain.corruption import KEPT, MASK, RANDOM, corrupt, corruption_counts, round_half_up
-from pretrain.targets import TARGETS, class_colours, colour_classes
+from pretrain.targets import TARGETS, MeanColour, class_colours, colour_classes
 from pretrain.task import MPPTask
+from vitcore.config import load_config
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-10k.tar"
 
@@ -254,6 +255,30 @@ def test_visualize_is_an_image_grid(target):
     assert grid.shape == (3, 4 * 34 + 2, 4 * 34 + 2)  # 4 rows x 4 images of 32 px, 2 px padding
     assert 0 <= grid.min() and grid.max() <= 1 and model.training
     assert torch.allclose(grid[:, 36:68, 2:34], torch.tensor(0.5))  # every patch masked: grey
+
+
+
+def test_a_new_target_is_one_class(monkeypatch):
+    """A target written here, registered by name, trains, evaluates and draws through the unchanged
+    config, task and model: the patch's mean colour at 1 bit per channel (8 classes)."""
+    class Coarse(MeanColour):
+        name = "coarse"
+
+        def __init__(self, patch: int, bits: int) -> None:
+            super().__init__(patch, 1)
+
+    monkeypatch.setitem(TARGETS, "coarse", Coarse)
+    cfg = load_config(PretrainConfig, None, ["mpp.target=coarse", "model.variant=Pico/8", "model.image_size=32"])
+    task = MPPTask(cfg)
+    model = task.build_model()[0]
+    images = random_images(4)
+    assert model.head.out_features == 8
+    loss, metrics = task.loss(model, batch_of(images))
+    assert loss.isfinite() and {"acc", "baseline_acc"} <= metrics.keys()
+    with torch.no_grad():
+        sums = task.eval_sums(model.eval(), batch_of(images))
+    assert set(task.eval_metrics(sums)) == {"top1", "top5", "loss"} and sums["count"] == 4 * 8  # 8 of 16 patches
+    assert task.visualize(model, batch_of(images))["mpp/predictions"].shape[0] == 3
 
 
 # ---- real learning ----------------------------------------------------------------------------
