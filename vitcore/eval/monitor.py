@@ -13,12 +13,12 @@ from accelerate import Accelerator
 
 from vitcore.config import MonitorConfig
 from vitcore.data import ShardStream
-from vitcore.data.stream import first_batch, naming
 from vitcore.data.classes import check_same_classes
+from vitcore.data.stream import first_batch, naming
+from vitcore.eval.attention import attention_maps
 from vitcore.eval.loop import eval_mode
 from vitcore.eval.probes import extract_features, probe_scores
 from vitcore.model.vit import ViT
-from vitcore.eval.attention import attention_maps
 
 
 class FeatureMonitor:
