@@ -55,6 +55,16 @@ def test_a_short_run_writes_the_whole_output_directory(cifar_shards, tmp_path):
     assert summary["img_s"] > 0
 
 
+def test_images_are_drawn_every_image_every_steps_and_at_the_end(cifar_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    main(PretrainConfig, MPPTask, overrides(cifar_shards, out, **{"run.steps": 5}))
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Images("mpp/predictions")] == [2, 4, 5]
+
+
 def test_resume_auto_continues_instead_of_restarting(cifar_shards, tmp_path):
     out = tmp_path / "run"
     main(PretrainConfig, MPPTask, overrides(cifar_shards, out))

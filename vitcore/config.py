@@ -136,7 +136,7 @@ class RunConfig:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     log_every: int = 10
-    image_every: int = 250  # TensorBoard image grid every N steps; 0 disables
+    image_every: int = 250  # TensorBoard image grid every N steps and at the end; 0 disables
     ckpt_every: int = 250
     keep_last: int = 2  # complete checkpoints kept on disk
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir, if any) | never | <checkpoint dir>

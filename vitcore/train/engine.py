@@ -176,7 +176,7 @@ class Trainer:
             step, last = progress.step, progress.step == total
             if step % run.log_every == 0 or last:
                 self._log(loop, lr, per_step, flops)
-            if self.fixed_batch is not None and step % run.image_every == 0:
+            if self.fixed_batch is not None and (step % run.image_every == 0 or last):
                 self._draw(loop)
             scores: dict[str, float] = {}  # this step's metrics that can pick the best checkpoint
             if probe_every and (step % probe_every == 0 or last):
