@@ -15,12 +15,22 @@ MONITOR    := monitor.train_shards=$(DEMO_DATA)/monitor-train monitor.val_shards
 # One local process; `accelerate launch` with these flags asks nothing and warns about nothing.
 # Without --num_cpu_threads_per_process accelerate sets OMP_NUM_THREADS=1: half of a 2-core CPU.
 THREADS    ?= $(shell nproc)
-LAUNCH     := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 \
-              --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)
+launch_on   = $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 \
+              --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(1)
+LAUNCH     := $(call launch_on,$(THREADS))
+# `make experiment` and `make pretrain-curve` run their many fine-tunings EXP_JOBS at a time, each
+# on THREADS/EXP_JOBS threads: on 2 cores two single-threaded runs side by side do more work than
+# one run on both threads (benchmarks/scaling.py --independent; docs/benchmarks.md). A run's data
+# order and initialisation do not depend on it (its data workers are the recipe's), only the order
+# of floating-point sums across threads. Each run's console goes to <run>.log. EXP_JOBS=1: one run
+# at a time on every thread.
+EXP_JOBS   ?= 2
+EXP_LAUNCH := $(call launch_on,$(shell echo $$(( $(THREADS) / $(EXP_JOBS) > 1 ? $(THREADS) / $(EXP_JOBS) : 1 ))))
 # `make experiment`: any labelled dataset with train/ and val/ class folders (a folder or an archive)
 DATASET    ?= $(IMAGENETTE)
 EXP_DATA   ?= $(if $(filter $(IMAGENETTE),$(DATASET)),$(DEMO_DATA),data/experiment)
 EXP_RUNS   ?= runs/experiment
+EXP_DOCS   ?= docs
 EXP_PRETRAIN_STEPS ?= 1000
 EXP_FT_SIZE        ?= 64
 EXP_FT_STEPS       ?= 1000
@@ -62,22 +72,31 @@ demo: setup $(DEMO_SETS)
 	    scratch_same_compute=$(DEMO_RUNS)/scratch_same_compute --gain pretrained,scratch_same_compute \
 	    --out $(DEMO_RUNS)/results
 
-# `make experiment`: does MPP pretraining help, at a budget that means something (one seed took 71
-# minutes on 2 CPU cores; 3 seeds, the default, are to fit in 90: seeds after the first evaluate
-# only at the end)? One MPP pretraining at 48 px on every training image (labels unused), then
-# for each seed (SEEDS) and each label regime (all labels; a class-balanced 10%), fine-tuning at 64 px from
-# that encoder, from scratch with the same fine-tuning steps, and from scratch with the same total
-# training compute (pretraining + fine-tuning FLOPs), plus linear probes of the MPP and of a random
-# encoder; then the results table, the compute figure and docs/experiment-results.json.
-# The learning rates and warmups are `make sweep`'s choice (configs/finetune/experiment_*.yaml).
+# `make experiment`: does MPP pretraining help, at a budget that means something (one seed's runs
+# took 48 minutes one at a time on 2 CPU cores; with 3 seeds, the default, seeds after the first
+# evaluate only at the end, and EXP_JOBS runs train at once)? One MPP pretraining at 48 px on every
+# training image (labels unused), then for each seed (SEEDS) and each label regime (all labels; a
+# class-balanced 10%), fine-tuning at 64 px from that encoder, from scratch with the same
+# fine-tuning steps, and from scratch with the same total training compute (pretraining +
+# fine-tuning FLOPs), plus linear probes of the MPP and of a random encoder; then the results
+# table, the compute figure and docs/experiment-results.json. The learning rates, warmups and
+# layer decays are `make sweep`'s choices (configs/finetune/experiment_*.yaml).
 EXP_SHARDS := data.shards=$(EXP_DATA)/train eval.shards=$(EXP_DATA)/val
 EXP_10PCT  := data.shards=$(EXP_DATA)/train-10pct eval.shards=$(EXP_DATA)/val
-EXP_FT     = $(LAUNCH) finetune/run.py --config configs/finetune/experiment_$(1).yaml model.image_size=$(EXP_FT_SIZE)
-PRETRAINED_FT := $(call EXP_FT,pretrained) init_from=$(EXP_RUNS)/pretrain
-SCRATCH_FT    := $(call EXP_FT,scratch) init_from=null
-PROBE := $(LAUNCH) finetune/run.py --config configs/finetune/linear_probe.yaml $(EXP_SHARDS) model.image_size=$(EXP_FT_SIZE)
-MATCH := $(PY) -m finetune.compare steps $(EXP_RUNS)/pretrain
+EXP_FT     = $(EXP_LAUNCH) finetune/run.py --config configs/finetune/experiment_$(1).yaml model.image_size=$(EXP_FT_SIZE)
+PROBE := $(EXP_LAUNCH) finetune/run.py --config configs/finetune/linear_probe.yaml $(EXP_SHARDS) model.image_size=$(EXP_FT_SIZE)
+MATCH := $(PY) -m finetune.compare steps
 EXP_SETS := $(foreach s,train val train-10pct monitor-train monitor-val,$(EXP_DATA)/$(s)/index.json)
+
+# One fine-tuning of the experiment or the curve, in a rule whose target is <run>/summary.json: the
+# command $(1) with its run.out_dir, its console in <run>.log, whose end is shown if it fails.
+define ft_run
+@mkdir -p $(dir $(@D)) && echo "$(@D): started (log: $(@D).log)"
+@$(1) run.out_dir=$(@D) > $(@D).log 2>&1 || { tail -n 30 $(@D).log; echo "error: $(@D) failed (log: $(@D).log)"; exit 1; }
+@echo "$(@D): finished"
+endef
+# Nothing here is an intermediate file for make to delete: a run's summary.json is its result
+.SECONDARY:
 
 # The pretraining is kept between runs of `make experiment` (and shared with `make sweep`): delete
 # $(EXP_RUNS)/pretrain to redo it.
@@ -86,31 +105,44 @@ $(EXP_RUNS)/pretrain/summary.json: | setup $(EXP_SETS)
 	    run.out_dir=$(EXP_RUNS)/pretrain run.steps=$(EXP_PRETRAIN_STEPS) run.eval_every=500 \
 	    monitor.train_shards=$(EXP_DATA)/monitor-train monitor.val_shards=$(EXP_DATA)/monitor-val monitor.every=250
 
+# The experiment's runs, one rule per regime and arm, the seed the stem. Seeds after the first
+# evaluate only at the end; scratch_same_compute waits for the pretrained run whose compute it matches.
+EXP_SEED = run.seed=$* run.eval_every=$(if $(filter $*,$(firstword $(SEEDS))),$(EXP_EVAL_EVERY),0)
+$(EXP_RUNS)/pretrained-s%/summary.json: $(EXP_RUNS)/pretrain/summary.json
+	$(call ft_run,$(call EXP_FT,pretrained) $(EXP_SHARDS) init_from=$(EXP_RUNS)/pretrain run.steps=$(EXP_FT_STEPS) $(EXP_SEED))
+$(EXP_RUNS)/scratch-s%/summary.json:
+	$(call ft_run,$(call EXP_FT,scratch) $(EXP_SHARDS) init_from=null run.steps=$(EXP_FT_STEPS) $(EXP_SEED))
+$(EXP_RUNS)/scratch_same_compute-s%/summary.json: $(EXP_RUNS)/pretrained-s%/summary.json
+	$(call ft_run,steps=$$($(MATCH) $(EXP_RUNS)/pretrain $(<D)) && \
+	    $(call EXP_FT,scratch) $(EXP_SHARDS) init_from=null run.steps=$$steps $(EXP_SEED))
+$(EXP_RUNS)/labels_10pct/pretrained-s%/summary.json: $(EXP_RUNS)/pretrain/summary.json
+	$(call ft_run,$(call EXP_FT,pretrained) $(EXP_10PCT) init_from=$(EXP_RUNS)/pretrain run.steps=$(EXP_FT10_STEPS) $(EXP_SEED))
+$(EXP_RUNS)/labels_10pct/scratch-s%/summary.json:
+	$(call ft_run,$(call EXP_FT,scratch) $(EXP_10PCT) init_from=null run.steps=$(EXP_FT10_STEPS) $(EXP_SEED))
+$(EXP_RUNS)/labels_10pct/scratch_same_compute-s%/summary.json: $(EXP_RUNS)/labels_10pct/pretrained-s%/summary.json
+	$(call ft_run,steps=$$($(MATCH) $(EXP_RUNS)/pretrain $(<D)) && \
+	    $(call EXP_FT,scratch) $(EXP_10PCT) init_from=null run.steps=$$steps $(EXP_SEED))
+$(EXP_RUNS)/probe-pretrained/summary.json: $(EXP_RUNS)/pretrain/summary.json
+	$(call ft_run,$(PROBE) init_from=$(EXP_RUNS)/pretrain)
+$(EXP_RUNS)/probe-random/summary.json:
+	$(call ft_run,$(PROBE) init_from=null)
+# The longest runs first, so that the last ones to finish are short
+EXP_ALL = $(foreach dir,$(EXP_RUNS) $(EXP_RUNS)/labels_10pct,$(foreach arm,pretrained scratch_same_compute scratch,\
+            $(foreach seed,$(SEEDS),$(dir)/$(arm)-s$(seed)/summary.json))) \
+          $(EXP_RUNS)/probe-pretrained/summary.json $(EXP_RUNS)/probe-random/summary.json
+
 experiment: setup $(EXP_SETS) $(EXP_RUNS)/pretrain/summary.json
 	rm -rf $(filter-out $(EXP_RUNS)/pretrain,$(wildcard $(EXP_RUNS)/*))
-	for seed in $(SEEDS); do \
-	  every=$$([ $$seed = $(firstword $(SEEDS)) ] && echo $(EXP_EVAL_EVERY) || echo 0); \
-	  for regime in all 10pct; do \
-	    if [ $$regime = all ]; then data="$(EXP_SHARDS)"; steps=$(EXP_FT_STEPS); out=$(EXP_RUNS); \
-	    else data="$(EXP_10PCT)"; steps=$(EXP_FT10_STEPS); out=$(EXP_RUNS)/labels_10pct; fi; \
-	    run="$$data run.seed=$$seed run.eval_every=$$every"; \
-	    $(PRETRAINED_FT) $$run run.out_dir=$$out/pretrained-s$$seed run.steps=$$steps || exit 1; \
-	    $(SCRATCH_FT) $$run run.out_dir=$$out/scratch-s$$seed run.steps=$$steps || exit 1; \
-	    matched=$$($(MATCH) $$out/pretrained-s$$seed) || exit 1; \
-	    $(SCRATCH_FT) $$run run.out_dir=$$out/scratch_same_compute-s$$seed run.steps=$$matched || exit 1; \
-	  done; \
-	done
-	$(PROBE) init_from=$(EXP_RUNS)/pretrain run.out_dir=$(EXP_RUNS)/probe-pretrained
-	$(PROBE) init_from=null run.out_dir=$(EXP_RUNS)/probe-random
+	$(MAKE) --no-print-directory -j$(EXP_JOBS) $(EXP_ALL)
 	$(PY) -m finetune.compare results $(EXP_RUNS) --seeds $(SEEDS) --out $(EXP_RUNS)/results
-	cp $(EXP_RUNS)/results.json docs/experiment-results.json
-	cp $(EXP_RUNS)/figures/compute.png docs/figures/experiment_compute.png
+	cp $(EXP_RUNS)/results.json $(EXP_DOCS)/experiment-results.json
+	cp $(EXP_RUNS)/figures/compute.png $(EXP_DOCS)/figures/experiment_compute.png
 	$(PY) -m vitcore.report.plots --out $(EXP_RUNS)/figures pretrain=$(EXP_RUNS)/pretrain \
 	    $(foreach s,$(SEEDS),pretrained-s$(s)=$(EXP_RUNS)/pretrained-s$(s) scratch_same_compute-s$(s)=$(EXP_RUNS)/scratch_same_compute-s$(s))
-	cp $(EXP_RUNS)/figures/probes.png docs/figures/experiment_probes.png
+	cp $(EXP_RUNS)/figures/probes.png $(EXP_DOCS)/figures/experiment_probes.png
 	cp $(EXP_RUNS)/figures/training_curves.png $(EXP_RUNS)/figures/val_top1.png \
-	    $(EXP_RUNS)/figures/pretrain_mpp_predictions.png docs/figures/
-	cp $(EXP_RUNS)/figures/pretrained-s$(firstword $(SEEDS))_val_confusion.png docs/figures/experiment_confusion.png
+	    $(EXP_RUNS)/figures/pretrain_mpp_predictions.png $(EXP_DOCS)/figures/
+	cp $(EXP_RUNS)/figures/pretrained-s$(firstword $(SEEDS))_val_confusion.png $(EXP_DOCS)/figures/experiment_confusion.png
 
 # `make pretrain-curve`: how much pretraining pays. One MPP pretraining 4x as long as the
 # experiment's, its checkpoints kept at 1/4, 1/2 and the end, plus the one the monitor's linear
@@ -122,27 +154,34 @@ CURVE_RUNS  ?= runs/pretrain-curve
 CURVE_DOCS  ?= docs
 CURVE_STEPS ?= $(shell echo $$((4 * $(EXP_PRETRAIN_STEPS))))
 CURVE_CKPTS  = $(foreach part,4 2 1,$(shell printf 'step-%08d' $$(($(CURVE_STEPS) / $(part)))))
+CURVE_LONGEST_FIRST = $(foreach part,1 2 4,$(shell printf 'step-%08d' $$(($(CURVE_STEPS) / $(part)))))
 $(CURVE_RUNS)/pretrain/summary.json: | setup $(EXP_SETS)
 	$(LAUNCH) pretrain/run.py $(EXP_SHARDS) run.out_dir=$(CURVE_RUNS)/pretrain run.steps=$(CURVE_STEPS) \
 	    run.ckpt_every=$$(($(CURVE_STEPS) / 4)) run.keep_last=4 run.eval_every=$$(($(CURVE_STEPS) / 4)) \
 	    monitor.train_shards=$(EXP_DATA)/monitor-train monitor.val_shards=$(EXP_DATA)/monitor-val monitor.every=250 \
 	    run.best_metric=probe/linear_top1_cls
 
+# The curve's runs, one rule per regime and arm, the point (a checkpoint's name) the stem
+CURVE_CKPT = $(CURVE_RUNS)/pretrain/checkpoints/$*
+$(CURVE_RUNS)/points/%/all/pretrained/summary.json:
+	$(call ft_run,$(call EXP_FT,pretrained) $(EXP_SHARDS) init_from=$(CURVE_CKPT) run.steps=$(EXP_FT_STEPS) run.eval_every=0)
+$(CURVE_RUNS)/points/%/all/scratch_same_compute/summary.json: $(CURVE_RUNS)/points/%/all/pretrained/summary.json
+	$(call ft_run,steps=$$($(MATCH) $(CURVE_CKPT) $(<D)) && \
+	    $(call EXP_FT,scratch) $(EXP_SHARDS) init_from=null run.steps=$$steps run.eval_every=0)
+$(CURVE_RUNS)/points/%/labels_10pct/pretrained/summary.json:
+	$(call ft_run,$(call EXP_FT,pretrained) $(EXP_10PCT) init_from=$(CURVE_CKPT) run.steps=$(EXP_FT10_STEPS) run.eval_every=0)
+$(CURVE_RUNS)/points/%/labels_10pct/scratch_same_compute/summary.json: $(CURVE_RUNS)/points/%/labels_10pct/pretrained/summary.json
+	$(call ft_run,steps=$$($(MATCH) $(CURVE_CKPT) $(<D)) && \
+	    $(call EXP_FT,scratch) $(EXP_10PCT) init_from=null run.steps=$$steps run.eval_every=0)
+
+# The points: the kept checkpoints, the longest pretraining (the longest matched runs) first, and
+# `best` when the probe picked another
 pretrain-curve: setup $(EXP_SETS) $(CURVE_RUNS)/pretrain/summary.json
 	rm -rf $(CURVE_RUNS)/points
 	best=$$(basename $$(readlink -f $(CURVE_RUNS)/pretrain/checkpoints/best)); \
-	for point in $(CURVE_CKPTS) $$(echo " $(CURVE_CKPTS) " | grep -q " $$best " || echo best); do \
-	  for regime in all labels_10pct; do \
-	    if [ $$regime = all ]; then data="$(EXP_SHARDS)"; steps=$(EXP_FT_STEPS); \
-	    else data="$(EXP_10PCT)"; steps=$(EXP_FT10_STEPS); fi; \
-	    ckpt=$(CURVE_RUNS)/pretrain/checkpoints/$$point; out=$(CURVE_RUNS)/points/$$point/$$regime; \
-	    $(call EXP_FT,pretrained) $$data init_from=$$ckpt run.out_dir=$$out/pretrained run.steps=$$steps \
-	        run.eval_every=0 || exit 1; \
-	    matched=$$($(PY) -m finetune.compare steps $$ckpt $$out/pretrained) || exit 1; \
-	    $(call EXP_FT,scratch) $$data init_from=null run.out_dir=$$out/scratch_same_compute run.steps=$$matched \
-	        run.eval_every=0 || exit 1; \
-	  done; \
-	done
+	points="$$(echo " $(CURVE_CKPTS) " | grep -q " $$best " || echo best) $(CURVE_LONGEST_FIRST)"; \
+	$(MAKE) --no-print-directory -j$(EXP_JOBS) $$(for p in $$points; do for r in all labels_10pct; do \
+	  for arm in pretrained scratch_same_compute; do echo $(CURVE_RUNS)/points/$$p/$$r/$$arm/summary.json; done; done; done)
 	$(PY) -m finetune.curve $(CURVE_RUNS) --out $(CURVE_RUNS)/results
 	cp $(CURVE_RUNS)/results.json $(CURVE_DOCS)/pretrain-curve-results.json
 	cp $(CURVE_RUNS)/figures/pretrain_curve.png $(CURVE_DOCS)/figures/pretrain_curve.png

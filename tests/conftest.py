@@ -1,5 +1,6 @@
 """Shared fixtures: tiny shards of images, built once per test session."""
 
+import os
 import random
 from pathlib import Path
 
@@ -127,3 +128,18 @@ def real_images(dest: Path, count: int) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(tar.extractfile(m).read())
     return dest
+
+
+@pytest.fixture
+def make_data(cifar_shards, val_shards, tmp_path) -> Path:
+    """The folder `make experiment`, `make sweep` and `make pretrain-curve` read (EXP_DATA), tiny:
+    every training set they name is the CIFAR shards and every held-out one the validation shards;
+    with an empty docs/figures/ beside it for their copies (EXP_DOCS, SWEEP_DOCS, CURVE_DOCS)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train", "train-10pct", "monitor-train", "sweep-train"):
+        os.symlink(cifar_shards, data / name)
+    for name in ("val", "monitor-val", "sweep-holdout"):
+        os.symlink(val_shards, data / name)
+    (tmp_path / "docs" / "figures").mkdir(parents=True)
+    return data

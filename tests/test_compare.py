@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,31 @@ def test_cli_writes_json_table_and_compute_figure(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no summary.json"):
         main(["results", str(tmp_path / "missing"), "--seeds", "0"])
 
+
+@pytest.mark.slow
+def test_make_experiment_end_to_end_two_runs_at_a_time(make_data, tmp_path):
+    """The make target itself, tiny: a 4-step pretraining, 2 seeds x 2 regimes x 3 arms of 2-step
+    fine-tunings (scratch_same_compute once its pretrained run has finished) and the two probes,
+    run 2 at a time (EXP_JOBS=2) on CIFAR shards; the results, the figures and each run's log."""
+    exp = tmp_path / "exp"
+    subprocess.run(["make", "experiment", f"EXP_DATA={make_data}", f"EXP_RUNS={exp}", f"EXP_DOCS={tmp_path / 'docs'}",
+                    "SEEDS=0 1", "EXP_JOBS=2", "EXP_PRETRAIN_STEPS=4", "EXP_FT_STEPS=2", "EXP_FT10_STEPS=2",
+                    "EXP_EVAL_EVERY=1"], cwd=ROOT, check=True, capture_output=True)
+    res = json.loads((tmp_path / "docs" / "experiment-results.json").read_text())
+    assert res["seeds"] == ["0", "1"]
+    for regime in (res, res["labels_10pct"]):
+        assert set(regime["pretrained"]["per_seed"]) == {"0", "1"}
+        assert regime["scratch_same_compute"]["steps"] > regime["pretrained"]["steps"] == 2
+        assert len(regime["gains"]["same_compute_ci95"]) == 2  # a t-interval: two seeds
+    for run in ("pretrained-s0", "labels_10pct/scratch_same_compute-s1", "probe-random"):
+        summary = json.loads((exp / run / "summary.json").read_text())
+        assert summary["eval"]["count"] == 100 and (exp / f"{run}.log").stat().st_size > 0
+    def evaluated_at(run: str) -> list[int]:
+        rows = map(json.loads, (exp / run / "metrics.jsonl").read_text().splitlines())
+        return [r["step"] for r in rows if "val/top1" in r]
+    # the first seed evaluates along the way, the others only at the end
+    assert evaluated_at("pretrained-s0") == [1, 2] and evaluated_at("pretrained-s1") == [2]
+    assert (tmp_path / "docs" / "figures" / "experiment_compute.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/results.md"])

@@ -61,16 +61,10 @@ def test_cli_writes_json_table_and_figure(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_make_pretrain_curve_end_to_end(cifar_shards, val_shards, tmp_path):
+def test_make_pretrain_curve_end_to_end(make_data, tmp_path):
     """The make target itself, tiny: a 16-step pretraining (checkpoints at 4, 8, 12, 16; points at
     4, 8 and 16), each point fine-tuned 2 steps and matched from scratch, on CIFAR shards."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, shards in {"train": cifar_shards, "val": val_shards, "train-10pct": cifar_shards,
-                         "monitor-train": cifar_shards, "monitor-val": val_shards}.items():
-        os.symlink(shards, data / name)
-    (tmp_path / "docs" / "figures").mkdir(parents=True)
-    subprocess.run(["make", "pretrain-curve", f"EXP_DATA={data}", f"CURVE_RUNS={tmp_path / 'curve'}",
+    subprocess.run(["make", "pretrain-curve", f"EXP_DATA={make_data}", f"CURVE_RUNS={tmp_path / 'curve'}",
                     f"CURVE_DOCS={tmp_path / 'docs'}", "EXP_PRETRAIN_STEPS=4", "EXP_FT_STEPS=2", "EXP_FT10_STEPS=2"],
                    cwd=ROOT, check=True, capture_output=True)
     entries = json.loads((tmp_path / "docs" / "pretrain-curve-results.json").read_text())

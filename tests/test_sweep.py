@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import subprocess
 
 import pytest
@@ -47,16 +46,12 @@ def test_the_docs_show_the_shipped_sweep():
 
 
 @pytest.mark.slow
-def test_make_sweep_end_to_end(cifar_shards, val_shards, tmp_path):
-    """The make target itself, tiny: a 2-step pretraining, both arms at 2-step horizons (the scratch
-    arm's from the pretraining's compute), on CIFAR shards; a second call reuses every run."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, shards in {"train": cifar_shards, "val": val_shards, "monitor-train": cifar_shards,
-                         "monitor-val": val_shards, "sweep-train": cifar_shards, "sweep-holdout": val_shards}.items():
-        os.symlink(shards, data / name)
-    args = ["make", "sweep", f"EXP_DATA={data}", f"EXP_RUNS={tmp_path / 'exp'}", f"SWEEP_RUNS={tmp_path / 'sweep'}",
-            f"SWEEP_DOCS={tmp_path}", "EXP_PRETRAIN_STEPS=2", "EXP_FT_STEPS=2"]
+def test_make_sweep_end_to_end(make_data, tmp_path):
+    """The make target itself, tiny: a 4-step pretraining, both arms at half their horizons in the
+    experiment (the default SWEEP_FRACTION; the scratch arm's from the pretraining's compute), on CIFAR
+    shards; a second call reuses every run."""
+    args = ["make", "sweep", f"EXP_DATA={make_data}", f"EXP_RUNS={tmp_path / 'exp'}", f"SWEEP_RUNS={tmp_path / 'sweep'}",
+            f"SWEEP_DOCS={tmp_path}", "EXP_PRETRAIN_STEPS=4", "EXP_FT_STEPS=4"]
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True)
     results = json.loads((tmp_path / "sweep-results.json").read_text())
     assert results["pretrained"]["horizon_steps"] == 2 and results["scratch"]["horizon_steps"] > 2
