@@ -126,7 +126,8 @@ def steady_img_s(metrics: Path, warmup_windows: int) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--script", default="pretrain/run.py", choices=["pretrain/run.py", "finetune/run.py"])
+    p.add_argument("--script", default="pretrain/run.py", choices=["pretrain/run.py", "finetune/run.py"],
+                   help="the stage to time (fine-tuning from scratch, without evaluation)")
     p.add_argument("--variant", default="Nano/8")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="total batch, split over the processes")
@@ -138,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--half-machine-reference", action="store_true",
                    help="also run 1 process with half the threads and workers: 2 processes ideally double it")
     p.add_argument("--independent", action="store_true",
-                   help="also run 2 independent runs at once on half the threads and workers each")
+                   help="also run 2 independent runs at once, each on half the threads with a whole run's workers")
     p.add_argument("--repeats", type=int, default=2, help="runs of each layout, alternating; the best is kept")
     p.add_argument("--shards", type=Path, default=DEMO_SHARDS)
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run is abandoned")
