@@ -126,7 +126,9 @@ $(EXP_RUNS)/probe-pretrained/summary.json: $(EXP_RUNS)/pretrain/summary.json
 	$(call ft_run,$(PROBE) init_from=$(EXP_RUNS)/pretrain)
 $(EXP_RUNS)/probe-random/summary.json:
 	$(call ft_run,$(PROBE) init_from=null)
-# The longest runs first, so that the last ones to finish are short
+# The longest runs listed first, so that the two job slots end close together. make starts a goal whose
+# prerequisite is still running after the rest of the list: at 3 seeds two scratch_same_compute runs
+# (1,550 steps) ran last, side by side, which ends the slots together too.
 EXP_ALL = $(foreach dir,$(EXP_RUNS) $(EXP_RUNS)/labels_10pct,$(foreach arm,pretrained scratch_same_compute scratch,\
             $(foreach seed,$(SEEDS),$(dir)/$(arm)-s$(seed)/summary.json))) \
           $(EXP_RUNS)/probe-pretrained/summary.json $(EXP_RUNS)/probe-random/summary.json
