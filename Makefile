@@ -72,9 +72,9 @@ demo: setup $(DEMO_SETS)
 	    scratch_same_compute=$(DEMO_RUNS)/scratch_same_compute --gain pretrained,scratch_same_compute \
 	    --out $(DEMO_RUNS)/results
 
-# `make experiment`: does MPP pretraining help, at a budget that means something (one seed's runs
-# took 48 minutes one at a time on 2 CPU cores; with 3 seeds, the default, seeds after the first
-# evaluate only at the end, and EXP_JOBS runs train at once)? One MPP pretraining at 48 px on every
+# `make experiment`: does MPP pretraining help, at a budget that means something (3 seeds, the
+# default, took 105 minutes on 2 CPU cores with EXP_JOBS=2; seeds after the first evaluate only at
+# the end)? One MPP pretraining at 48 px on every
 # training image (labels unused), then for each seed (SEEDS) and each label regime (all labels; a
 # class-balanced 10%), fine-tuning at 64 px from that encoder, from scratch with the same
 # fine-tuning steps, and from scratch with the same total training compute (pretraining +
