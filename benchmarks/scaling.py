@@ -89,19 +89,24 @@ def launch(runs: int, processes: int, threads: int, workers: int, out_dir: Path,
     started = [(start(processes, threads, workers, args.batch_size, out_dir / f"run{i}", args), out_dir / f"run{i}")
                for i in range(runs)]
     results = []
-    for (proc, cmd), run_dir in started:
-        try:
-            proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise SystemExit(f"scaling: run abandoned after {args.timeout:g} s ({' '.join(cmd)})") from None
-        if proc.returncode != 0:
-            log = Path(f"{run_dir}.log").read_text()
-            raise SystemExit(f"scaling: run failed ({' '.join(cmd)}):\n{log[-3000:]}")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if summary["processes"] != processes:  # `--cpu`-style launches silently start one process
-            raise SystemExit(f"scaling: asked for {processes} processes, the run had {summary['processes']}")
-        results.append((steady_img_s(run_dir / "metrics.jsonl", args.warmup_windows), summary["img_s"]))
+    try:
+        for (proc, cmd), run_dir in started:
+            try:
+                proc.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise SystemExit(f"scaling: run abandoned after {args.timeout:g} s ({' '.join(cmd)})") from None
+            if proc.returncode != 0:
+                log = Path(f"{run_dir}.log").read_text()
+                raise SystemExit(f"scaling: run failed ({' '.join(cmd)}):\n{log[-3000:]}")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if summary["processes"] != processes:  # `--cpu`-style launches silently start one process
+                raise SystemExit(f"scaling: asked for {processes} processes, the run had {summary['processes']}")
+            results.append((steady_img_s(run_dir / "metrics.jsonl", args.warmup_windows), summary["img_s"]))
+    finally:  # a failed or abandoned run does not leave the other one training beside what comes next
+        for (proc, _), _ in started:
+            if proc.poll() is None:
+                proc.kill()
     return {"img_s_steady": sum(r[0] for r in results), "img_s_summary": sum(r[1] for r in results),
             "launch_wall_s": round(time.perf_counter() - begin, 2), "processes": processes,
             # 1-minute load average before and after: other users' work on a shared machine shows here
