@@ -84,7 +84,7 @@ def figure(entries: list[dict[str, Any]], path: Path) -> None:
             if e["probe_best"]:
                 ax.plot([x], [y], "o", ms=12, mfc="none", color="C3", label="the probe's best checkpoint")
         ax.axhline(0, color="0.5", lw=0.8)
-        ax.set(title=f"{words}: pretrained minus scratch at the same compute", ylabel="val top-1 gain (points)",
+        ax.set(title=f"{words}: pretrained minus scratch", ylabel="gain at the same compute (points)",
                xlabel="pretraining compute (TFLOP)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
