@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from finetune.compare import matched_steps
-from finetune.curve import main, points
+from finetune.curve import main, markdown, points
 from launching import ROOT
 from test_compare import fake_run
 
@@ -58,6 +58,16 @@ def test_cli_writes_json_table_and_figure(tmp_path, capsys):
     assert "| 2000 steps (probe's best) | 20.0 TFLOP | all labels | 60.0% | 50.0% (2000 steps) | +10.0 | [" in table
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())) == 3
     assert (tmp_path / "out" / "figures" / "pretrain_curve.png").stat().st_size > 10_000
+
+
+def test_the_docs_show_the_shipped_curve():
+    """docs/results.md's table is the one `make pretrain-curve` wrote to docs/ at this commit, and the
+    JSON has the points the issue asks for: the kept checkpoints at 1/4, 1/2 and the end, and the probe's."""
+    entries = json.loads((ROOT / "docs" / "pretrain-curve-results.json").read_text())
+    last = max(e["pretrain_steps"] for e in entries)
+    assert {last // 4, last // 2, last} <= {e["pretrain_steps"] for e in entries}
+    assert sum(e["probe_best"] for e in entries) >= 1
+    assert markdown(entries) in (ROOT / "docs" / "results.md").read_text()
 
 
 @pytest.mark.slow
