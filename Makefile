@@ -74,13 +74,12 @@ demo: setup $(DEMO_SETS)
 
 # `make experiment`: does MPP pretraining help, at a budget that means something (3 seeds, the
 # default, took 105 minutes on 2 CPU cores with EXP_JOBS=2; seeds after the first evaluate only at
-# the end)? One MPP pretraining at 48 px on every
-# training image (labels unused), then for each seed (SEEDS) and each label regime (all labels; a
-# class-balanced 10%), fine-tuning at 64 px from that encoder, from scratch with the same
-# fine-tuning steps, and from scratch with the same total training compute (pretraining +
-# fine-tuning FLOPs), plus linear probes of the MPP and of a random encoder; then the results
-# table, the compute figure and docs/experiment-results.json. The learning rates, warmups and
-# layer decays are `make sweep`'s choices (configs/finetune/experiment_*.yaml).
+# the end)? One MPP pretraining at 48 px on every training image (labels unused), then for each
+# seed (SEEDS) and each label regime (all labels; a class-balanced 10%), fine-tuning at 64 px from
+# that encoder, from scratch with the same fine-tuning steps, and from scratch with the same total
+# training compute (pretraining + fine-tuning FLOPs), plus linear probes of the MPP and of a random
+# encoder; then the results table, the compute figure and docs/experiment-results.json. The
+# learning rates, warmups and layer decays are `make sweep`'s choices (configs/finetune/experiment_*.yaml).
 EXP_SHARDS := data.shards=$(EXP_DATA)/train eval.shards=$(EXP_DATA)/val
 EXP_10PCT  := data.shards=$(EXP_DATA)/train-10pct eval.shards=$(EXP_DATA)/val
 EXP_FT     = $(EXP_LAUNCH) finetune/run.py --config configs/finetune/experiment_$(1).yaml model.image_size=$(EXP_FT_SIZE)
@@ -152,6 +151,7 @@ experiment: setup $(EXP_SETS) $(EXP_RUNS)/pretrain/summary.json
 # pretrained arm and against scratch with the same total compute (a run of its own: a longer
 # run's intermediate evaluation has another lr schedule), with all labels and with 10% of them,
 # seed 0; then the table, docs/pretrain-curve-results.json and docs/figures/pretrain_curve.png.
+# It took 150 minutes on 2 CPU cores with EXP_JOBS=2 (the pretraining 20 of them).
 CURVE_RUNS  ?= runs/pretrain-curve
 CURVE_DOCS  ?= docs
 CURVE_STEPS ?= $(shell echo $$((4 * $(EXP_PRETRAIN_STEPS))))
